@@ -1,0 +1,1 @@
+"""Data: sources -> cleaning -> SentencePiece -> token shards -> tf.data batches."""
