@@ -1,0 +1,43 @@
+"""Loading configs: the base config, key checks, and presets for notebooks.
+
+``configs/base.py`` declares every key; presets start from ``base_config()``
+and override only what differs. ``check_keys`` refuses keys the base does not
+declare, which catches typos made in notebooks as the CLI catches them in flags.
+"""
+
+import importlib.util
+import pathlib
+
+from llm_jax.errors import UserError
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def load_preset(path: str | pathlib.Path):
+  """Runs ``get_config()`` of a config file (a path, or a name in configs/)."""
+  path = pathlib.Path(path)
+  if not path.suffix:
+    path = CONFIGS_DIR / f'{path}.py'
+  if not path.is_file():
+    raise UserError(f'No config file at {path}. Pass a path such as configs/base.py.')
+  spec = importlib.util.spec_from_file_location(f'llm_jax_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def base_config():
+  """A fresh copy of configs/base.py's config, which declares every key."""
+  return load_preset(CONFIGS_DIR / 'base.py')
+
+
+def check_keys(config, base=None, prefix: str = '') -> None:
+  """Raises UserError for a key that configs/base.py does not declare."""
+  base = base_config() if base is None else base
+  for key in config.keys():
+    name = f'{prefix}{key}'
+    if key not in base:
+      raise UserError(f'Unknown config key {name!r}: configs/base.py does not '
+                      f'declare it. Known keys here: {", ".join(sorted(base.keys()))}.')
+    if hasattr(config[key], 'keys') and hasattr(base[key], 'keys'):
+      check_keys(config[key], base[key], prefix=f'{name}.')

@@ -1,0 +1,162 @@
+"""FLOP and MFU accounting, throughput, the progress line and TensorBoard events."""
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets. Matched
+# against ``device.device_kind`` (lower-cased), most specific first.
+PEAK_FLOPS_BY_KIND = (
+    ('v6 lite', 918e12), ('v6e', 918e12),
+    ('v5 lite', 197e12), ('v5e', 197e12),
+    ('v5p', 459e12), ('v5', 459e12),
+    ('v4', 275e12),
+    ('h200', 989e12), ('h100', 989e12), ('gh200', 989e12),
+    ('a100', 312e12), ('l4', 121e12),
+)
+
+
+def matmul_params(cfg) -> int:
+  """Parameters that take part in a matmul per token: all kernels and the LM head.
+
+  The input embedding (a lookup) and learned positions (an add) are left out;
+  norms and biases are too small to matter.
+  """
+  attn = cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = (3 if cfg.mlp == 'swiglu' else 2) * cfg.d_model * cfg.mlp_dim
+  return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs per token, the PaLM convention (Chowdhery et al., app. B).
+
+  6 * N for the matmuls (2 forward + 4 backward per parameter), where N is
+  ``matmul_params``, plus 12 * layers * heads * head_dim * seq_len for the
+  attention scores and the weighted sum of values (forward and backward). The
+  causal mask is not discounted, as in PaLM and MaxText, so figures compare.
+  """
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6 * matmul_params(cfg) + attention
+
+
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of an fp32 ``n^3`` matmul through ``jax.jit`` on this host, best of N.
+
+  CPUs have no data-sheet peak that XLA reaches, and shared machines drift by
+  20%, so MFU on CPU is measured against this figure taken in the same run.
+  """
+  dev = jax.local_devices()[0]
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
+  mm = jax.jit(jnp.matmul)
+  mm(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    mm(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def peak_flops(configured: float = 0.0) -> tuple[float, str]:
+  """Peak FLOP/s of all devices together, and where the figure comes from."""
+  devices = jax.devices()
+  if configured > 0:
+    return configured * len(devices), f'train.peak_flops={configured:.3g}/device'
+  if devices[0].platform == 'cpu':
+    # Simulated CPU devices share one host's cores: the host is the unit.
+    peak = measure_cpu_matmul_peak()
+    return peak, f'fp32 2048^3 matmul measured now: {peak / 1e9:.0f} GFLOP/s'
+  kind = devices[0].device_kind.lower()
+  for key, value in PEAK_FLOPS_BY_KIND:
+    if key in kind:
+      return value * len(devices), f'{devices[0].device_kind} bf16 peak x{len(devices)}'
+  return float('nan'), f'unknown peak for {devices[0].device_kind}; set train.peak_flops'
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s' if m else f'{s}s'
+
+
+class Throughput:
+  """Tokens/s and MFU over a sliding window of recent steps."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak = peak
+    self._marks: list[tuple[int, float]] = []
+
+  def mark(self, step: int) -> None:
+    self._marks.append((step, time.perf_counter()))
+    del self._marks[:-20]
+
+  def tokens_per_sec(self) -> float:
+    if len(self._marks) < 2:
+      return float('nan')
+    (s0, t0), (s1, t1) = self._marks[0], self._marks[-1]
+    return (s1 - s0) * self.tokens_per_step / max(t1 - t0, 1e-9)
+
+  def mfu(self) -> float:
+    return self.tokens_per_sec() * self.flops_per_token / self.peak
+
+  def seconds_per_step(self) -> float:
+    return self.tokens_per_step / self.tokens_per_sec()
+
+
+class ProgressLine:
+  """One line per log interval; on a terminal it also refreshes in place."""
+
+  def __init__(self, total_steps: int, stream=None):
+    self.total = total_steps
+    self.stream = stream or sys.stdout
+    self.live = self.stream.isatty()
+
+  def text(self, step: int, m: dict, thr: Throughput) -> str:
+    eta = (self.total - step) * thr.seconds_per_step()
+    eta_s = format_duration(eta) if np.isfinite(eta) else '?'
+    return (f'step {step:>{len(str(self.total))}}/{self.total} | '
+            f'loss {m["loss"]:.4f} | ppl {np.exp(min(m["loss"], 50)):8.2f} | '
+            f'{thr.tokens_per_sec():7,.0f} tok/s | MFU {100 * thr.mfu():4.1f}% | '
+            f'lr {m["lr"]:.2e} | ETA {eta_s}')
+
+  def update(self, step: int, m: dict, thr: Throughput, final: bool) -> None:
+    """Writes the line; ``final`` ends it with a newline (a log interval)."""
+    if final:
+      self.stream.write(('\r' if self.live else '') + self.text(step, m, thr) + '\n')
+    elif self.live:
+      self.stream.write('\r' + self.text(step, m, thr))
+    self.stream.flush()
+
+
+class TensorBoard:
+  """Scalars to ``<workdir>/tb``; a no-op on every process but 0."""
+
+  def __init__(self, logdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(logdir)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for name, value in values.items():
+        self._tf.summary.scalar(name, float(value))
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+
+def say(message: str) -> None:
+  """Prints a line for the user, from process 0 only."""
+  if jax.process_index() == 0:
+    print(message, flush=True)

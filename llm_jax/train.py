@@ -1,0 +1,203 @@
+r"""Train a language model: ``python -m llm_jax.train --config=configs/base.py``.
+
+Flags:
+  --config=FILE        an ml_collections config file (``get_config()``);
+  --config.a.b=VALUE   override any key that configs/base.py declares;
+  --workdir=DIR        where checkpoints, TensorBoard events and config.json go
+                       (default runs/<config.name>). Rerunning with the same
+                       workdir resumes from its latest checkpoint.
+
+Notebooks call the same entry point: ``llm_jax.train.run(config, workdir)``.
+Ctrl-C or SIGTERM saves a checkpoint of the current step and exits with status
+128 + the signal number (130 for Ctrl-C, 143 for SIGTERM); bad input exits 2.
+"""
+
+import json
+import os
+import re
+import resource
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax.configuration import check_keys
+from llm_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/base.py.', lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', '', 'Run directory (default runs/<config.name>); reruns resume.')
+
+
+def _write_config(config, workdir: str) -> None:
+  """Writes the resolved config to workdir/config.json (atomically)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(json.loads(config.to_json()), f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
+def run(config, workdir: str | None = None) -> dict:
+  """Prepares data, trains (or resumes) and returns the final metrics.
+
+  Args:
+    config: a ConfigDict shaped like configs/base.py.
+    workdir: the run directory; default runs/<config.name>.
+
+  Returns:
+    Final metrics: step, loss, val_loss, val_ppl, tokens_per_sec, mfu,
+    unigram_entropy, peak_rss_gib, wall_seconds, workdir, samples.
+  """
+  t0 = time.perf_counter()
+  check_keys(config)
+  workdir = os.path.abspath(workdir or os.path.join('runs', config.name))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'Cannot create the run directory {workdir}: {e.strerror}.') from e
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from llm_jax import checkpoint, metrics, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import pipeline, shards  # pylint: disable=g-import-not-at-top
+
+  _write_config(config, workdir)
+  data = shards.prepare(config, log=metrics.say)
+  metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
+              'nats/token (a model must beat this to have learnt anything).')
+  mesh = sharding.make_mesh(config.mesh)
+  tr = trainer.Trainer.build(config, data.vocab_size, mesh)
+  metrics.say(f'Model: {tr.model_cfg.num_params():,} parameters; mesh '
+              f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
+              f'device(s); workdir {workdir}')
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 every=config.checkpoint.every,
+                                 keep=config.checkpoint.keep)
+  meta_fn = lambda step: trainer.checkpoint_meta(config, data, step)
+  state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0))
+
+  train_w, val_w = (pipeline.TokenWindows(paths, data.manifest['dtype'], config.data.seq_len)
+                    for paths in (data.train_shards, data.val_shards))
+  eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in pipeline.eval_batches(
+      val_w, global_batch=config.train.batch_size, num_batches=config.train.eval_batches,
+      process_index=jax.process_index(), process_count=jax.process_count())]
+  if start >= config.train.steps:
+    metrics.say(f'Training is already complete: the checkpoint is at step {start} '
+                f'and train.steps={config.train.steps}. Raise '
+                '--config.train.steps to train further.')
+    result = {'step': start, 'val_history': {},
+              **tr.evaluate(state.params, eval_batches)}
+  else:
+    state, result = _train(config, tr, ckpt, state, start, train_w, eval_batches,
+                           workdir, meta_fn)
+  ckpt.close()
+  if result.get('stopped_by_signal'):
+    metrics.say(f'Stopped at step {result["step"]} with a checkpoint saved in '
+                f'{ckpt.directory}. Run the same command to resume.')
+    return result
+  result['samples'] = trainer.sample_texts(tr, state.params, data.tokenizer, config)
+  result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
+                vocab_size=data.vocab_size,
+                wall_seconds=time.perf_counter() - t0,
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  _summarise(result)
+  return result
+
+
+def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn):
+  """Runs the loop with its outputs wired up; returns (final state, metrics)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from llm_jax import metrics, trainer  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  seq_len, batch = config.data.seq_len, config.train.batch_size
+  peak, peak_source = metrics.peak_flops(config.train.peak_flops)
+  flops = metrics.train_flops_per_token(tr.model_cfg, seq_len)
+  metrics.say(f'MFU: {flops / 1e6:.1f} MFLOP/token (6N + attention) against '
+              f'{peak_source}.')
+  io = trainer._LoopIO(  # pylint: disable=protected-access
+      progress=metrics.ProgressLine(config.train.steps),
+      tb=metrics.TensorBoard(os.path.join(workdir, 'tb')),
+      thr=metrics.Throughput(batch * seq_len, flops, peak),
+      log_every=config.train.log_every)
+  batches = pipeline.train_batches(
+      train_w, global_batch=batch, seed=config.seed, start_step=start,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
+              f'{batch} x {seq_len} tokens ({train_w.num_windows:,} windows per epoch).')
+  return trainer.run_loop(tr, ckpt, state, start, batches, eval_batches, io, meta_fn)
+
+
+def _summarise(r: dict) -> None:
+  from llm_jax import metrics  # pylint: disable=g-import-not-at-top
+  for prompt, greedy, sampled in r['samples']:
+    metrics.say(f'--- prompt {prompt!r}\n[greedy]  {prompt}{greedy}\n'
+                f'[sampled] {prompt}{sampled}')
+  half = r['unigram_entropy'] / 2
+  verdict = 'below' if r['val_loss'] < half else 'NOT below'
+  metrics.say(
+      f'Done at step {r["step"]}: val loss {r["val_loss"]:.4f} (ppl {r["val_ppl"]:.2f}), '
+      f'{verdict} half the unigram entropy ({half:.3f}). '
+      f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
+      f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
+  metrics.say(f'Run directory: {r["workdir"]} (checkpoints/, tb/, config.json). '
+              f'TensorBoard: tensorboard --logdir {r["workdir"]}/tb')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; a bad flag or override is one clear line, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}. Give a value of the type configs/base.py declares for that key.')
+  except (KeyError, AttributeError) as e:
+    # ml_collections: an override naming a key the config does not have.
+    detail = str(e.args[0] if e.args else e)
+    key = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", detail)[0] if detail else '?'
+    hint = re.search(r'Did you mean "([^"]+)"', detail)
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
+                 re.search(rf'\b{key}\b', a.split('=')[0])), '--config.*')
+    _fail(f'Unknown config key in {flag}: the config has no key {key!r}'
+          + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+          + '. configs/base.py declares every key.')
+  return []
+
+
+def load_config():
+  """The --config value, or one clear line if the file cannot be loaded."""
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # A file that failed to load raises on first use.
+  except (OSError, SyntaxError, AttributeError) as e:
+    path = flags.FLAGS['config'].config_filename if 'config' in flags.FLAGS else '?'
+    last = str(e).strip().splitlines()[-1].strip()
+    _fail(f'Cannot load the config file {path!r}: {last}. Pass an existing file '
+          'that defines get_config(), e.g. --config=configs/base.py.')
+  if config is None:
+    _fail('No config given. Pass --config=configs/base.py (or another file in configs/).')
+  return config
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --config=FILE.')
+  config = load_config()
+  try:
+    result = run(config, _WORKDIR.value or None)
+  except UserError as e:
+    _fail(str(e))
+  if result.get('stopped_by_signal'):
+    sys.exit(128 + result['stopped_by_signal'])
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

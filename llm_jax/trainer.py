@@ -1,0 +1,323 @@
+"""Train state, the pure train/eval steps, and the loop (log, eval, checkpoint, stop).
+
+``train_step(state, batch) -> (state, metrics)`` is the only place gradients are
+taken. It is a pure function over pytrees: the model's graph definition is
+static and its parameters are a plain dict, so one jitted function serves one
+CPU, a device mesh and (later) export.
+"""
+
+import dataclasses
+import functools
+import json
+import signal
+import time
+from typing import Any
+
+from flax import nnx, struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm_jax import checkpoint as ckpt_lib
+from llm_jax import decode, metrics, optim, sharding
+from llm_jax.errors import UserError
+from llm_jax.model import ModelConfig, Transformer
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates done so far.
+  params: Any  # Pure dict of float32 arrays (the model's nnx.Param values).
+  opt_state: Any  # Optax state; moments shaped and sharded like params.
+  rng: jax.Array  # PRNG key data, for anything stochastic in training.
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array):
+  """Summed token cross-entropy (float32) and the number of tokens."""
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), targets_BT)
+  return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+
+
+def _loss_fn(params, batch, graphdef):
+  logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
+  loss_sum, count = cross_entropy(logits_BTV, batch['targets'])
+  return loss_sum / count, loss_sum
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
+               accum_steps: int) -> tuple[TrainState, dict]:
+  """One optimizer update on a global batch, accumulating micro-batch grads."""
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (loss, _), grads = grad_fn(state.params, batch, graphdef)
+  else:
+    # Micro-batch i takes rows i, i+A, i+2A, ...: every device keeps its own
+    # rows, so no data moves between devices to form the micro-batches.
+    micro = jax.tree.map(
+        lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(grads_sum, mb):
+      (loss_mb, _), g = grad_fn(state.params, mb, graphdef)
+      return jax.tree.map(jnp.add, grads_sum, g), loss_mb
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, losses = jax.lax.scan(accumulate, zeros, micro)
+    # Equal-sized micro-batches: the mean of their means is the batch mean.
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = losses.mean()
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state)
+  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
+                     'lr': schedule(state.step)}
+
+
+def eval_step(params, batch: dict, *, graphdef) -> dict:
+  """Summed validation loss and token count of one batch."""
+  _, loss_sum = _loss_fn(params, batch, graphdef)
+  return {'loss_sum': loss_sum,
+          'count': jnp.asarray(batch['targets'].size, jnp.float32)}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything the loop needs, built once from the config and the data."""
+  config: Any
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  init_fn: Any
+  step_fn: Any
+  eval_fn: Any
+
+  @classmethod
+  def build(cls, config, vocab_size: int, mesh) -> 'Trainer':
+    model_cfg = ModelConfig.from_config(
+        config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
+    _check_batch(config, mesh)
+    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    rules = config.mesh.rules
+
+    def init_fn():
+      model = Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
+      params = nnx.state(model, nnx.Param).to_pure_dict()
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(params),
+                        rng=jax.random.key_data(jax.random.key(config.seed)))
+
+    # Shapes first (no memory), then shardings from the parameters' logical
+    # axes, then init directly into those shardings: no device ever holds a
+    # full copy of a sharded parameter.
+    graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    p_shard = sharding.tree_shardings(
+        sharding.param_names(abstract_params), mesh, rules)
+    abstract = jax.eval_shape(init_fn)
+    rep = sharding.replicated(mesh)
+    state_shardings = TrainState(
+        step=rep, params=p_shard, rng=rep,
+        opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh))
+    batch_shard = sharding.batch_sharding(mesh, rules)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                             accum_steps=config.optim.grad_accum_steps)
+    return cls(
+        config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
+        schedule=schedule, state_shardings=state_shardings, batch_sharding=batch_shard,
+        init_fn=jax.jit(init_fn, out_shardings=state_shardings),
+        step_fn=jax.jit(step, in_shardings=(state_shardings, batch_shard),
+                        out_shardings=(state_shardings, rep), donate_argnums=0),
+        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                        in_shardings=(p_shard, batch_shard), out_shardings=rep))
+
+  def abstract_state(self) -> TrainState:
+    shapes = jax.eval_shape(self.init_fn)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, self.state_shardings)
+
+  def evaluate(self, params, batches: list[dict]) -> dict:
+    """Mean validation loss and perplexity over fixed batches."""
+    totals = [self.eval_fn(params, b) for b in batches]
+    loss_sum = sum(float(t['loss_sum']) for t in totals)
+    count = sum(float(t['count']) for t in totals)
+    loss = loss_sum / count
+    return {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50)))}
+
+
+def _check_batch(config, mesh) -> None:
+  """The global batch must split evenly over micro-batches and batch shards."""
+  batch, accum = config.train.batch_size, config.optim.grad_accum_steps
+  ways = sharding.batch_divisor(mesh, config.mesh.rules)
+  if accum < 1 or batch % accum:
+    raise UserError(f'train.batch_size={batch} must be a multiple of '
+                    f'optim.grad_accum_steps={accum} (and that at least 1).')
+  if (batch // accum) % ways:
+    raise UserError(
+        f'Each micro-batch ({batch // accum} sequences) must split evenly over '
+        f'the {ways} batch shards of the mesh {dict(mesh.shape)}; make '
+        f'train.batch_size a multiple of {ways * accum}.')
+
+
+class StopSignals:
+  """Turns SIGINT/SIGTERM into a request to save and stop at the next step.
+
+  A second Ctrl-C while saving falls back to Python's default (abort now).
+  """
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    metrics.say(f'\nReceived {signal.Signals(signum).name}: saving a checkpoint '
+                'at the end of this step, then stopping.')
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def checkpoint_meta(config, data, step: int) -> dict:
+  """What a checkpoint records besides arrays: enough to refuse a bad resume."""
+  import flax, optax as _optax, orbax.checkpoint as _ocp  # pylint: disable=g-import-not-at-top,g-multiple-import
+  return {
+      'config': json.loads(config.to_json()),
+      'step': step,
+      'tokenizer_sha256': data.tokenizer.sha256,
+      'vocab_size': data.vocab_size,
+      'data_sha256': data.manifest['content_sha256'],
+      'versions': {'jax': jax.__version__, 'flax': flax.__version__,
+                   'optax': _optax.__version__, 'orbax': _ocp.__version__},
+      'mesh': dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+          config.mesh, jax.device_count()))),
+      'process_count': jax.process_count(),
+      'time': time.time(),
+  }
+
+
+def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str, str, str]]:
+  """(prompt, greedy continuation, sampled continuation) for each prompt."""
+  prompts = [p for p in config.train.sample_prompts.split('|') if p]
+  prompts = prompts[:config.train.num_samples]
+  if not prompts:
+    return []
+  ids = [tokenizer.encode(p) for p in prompts]
+  out = []
+  for temperature in (0.0, config.train.sample_temperature):
+    new = decode.generate(
+        trainer.graphdef, params, ids, max_new_tokens=config.train.sample_tokens,
+        temperature=temperature, seed=config.seed, max_len=trainer.model_cfg.max_len,
+        pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+    out.append([tokenizer.decode(t) for t in new])
+  return list(zip(prompts, out[0], out[1]))
+
+
+
+def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
+                    meta: dict) -> tuple[TrainState, int]:
+  """Resumes from the latest checkpoint if there is one, else initialises."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return trainer.init_fn(), 0
+  ckpt_lib.check_compatible(ckpt.metadata(latest), meta, ckpt.directory)
+  metrics.say(f'Resuming from the checkpoint at step {latest} in {ckpt.directory}.')
+  state = ckpt.restore(latest, trainer.abstract_state())
+  return state, int(jax.device_get(state.step))
+
+
+@dataclasses.dataclass
+class _LoopIO:
+  """The loop's outputs: progress line, TensorBoard, throughput, history."""
+  progress: metrics.ProgressLine
+  tb: metrics.TensorBoard
+  thr: metrics.Throughput
+  log_every: int
+  last: dict = dataclasses.field(default_factory=dict)
+  val_history: dict = dataclasses.field(default_factory=dict)
+  first_step_s: float = 0.0
+
+  def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
+    evals = trainer.evaluate(params, batches)
+    self.val_history[step] = evals['val_loss']
+    self.tb.scalars(step, evals)
+    metrics.say(f'eval @ step {step} | val loss {evals["val_loss"]:.4f} | '
+                f'val ppl {evals["val_ppl"]:.2f}')
+    return evals
+
+  def report(self, step: int, step_metrics) -> None:
+    m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    if not np.isfinite(m['loss']):
+      raise UserError(
+          f'The training loss became {m["loss"]} at step {step}. Lower '
+          'optim.learning_rate or check the data; the last checkpoint is kept.')
+    self.thr.mark(step)
+    self.last = m
+    final = step % self.log_every == 0 or step == self.progress.total
+    self.progress.update(step, m, self.thr, final=final)
+    if final:
+      self.tb.scalars(step, {**m, 'perplexity': np.exp(min(m['loss'], 50)),
+                             'tokens_per_sec': self.thr.tokens_per_sec(),
+                             'mfu': self.thr.mfu()})
+
+
+def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
+             start: int, batches, eval_batches: list[dict], io: _LoopIO,
+             meta_fn) -> tuple[TrainState, dict]:
+  """Steps from ``start`` to ``train.steps``; returns the state and final metrics.
+
+  Step N is dispatched before step N-1's metrics are fetched, so the host never
+  waits for the device except to read numbers that are already done.
+  """
+  cfg = trainer.config.train
+  pending, evals, stop_signal = None, {}, None
+  if start == 0:
+    io.evaluate(trainer, state.params, eval_batches, 0)
+  t_start = time.perf_counter()
+  with StopSignals() as stop:
+    for step in range(start, cfg.steps):
+      batch = sharding.global_batch(next(batches), trainer.batch_sharding)
+      state, step_metrics = trainer.step_fn(state, batch)
+      if pending is not None:
+        io.report(*pending)
+      pending, done = (step + 1, step_metrics), step + 1
+      if step == start:
+        jax.block_until_ready(step_metrics)
+        io.first_step_s = time.perf_counter() - t_start
+        metrics.say(f'First step (compile + run): {io.first_step_s:.1f}s.')
+      is_last = done == cfg.steps
+      if is_last or (cfg.eval_every and done % cfg.eval_every == 0):
+        io.report(*pending)
+        pending = None
+        evals = io.evaluate(trainer, state.params, eval_batches, done)
+      if is_last or ckpt.should_save(done) or stop.received:
+        ckpt.save(done, state, meta_fn(done))
+      if stop.received:
+        stop_signal = stop.received
+        break
+    if pending is not None:
+      io.report(*pending)
+  ckpt.wait()
+  io.tb.flush()
+  result = {'step': int(jax.device_get(state.step)), **io.last, **evals,
+            'tokens_per_sec': io.thr.tokens_per_sec(), 'mfu': io.thr.mfu(),
+            'train_seconds': time.perf_counter() - t_start,
+            'val_history': io.val_history,
+            'stopped_by_signal': stop_signal}
+  return state, result

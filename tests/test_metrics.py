@@ -1,0 +1,37 @@
+"""FLOP accounting against a hand count, and the progress line's fields."""
+
+import io
+import math
+
+from llm_jax import metrics
+from llm_jax.model import ModelConfig
+
+
+def gpt2_124m() -> ModelConfig:
+  return ModelConfig(
+      vocab_size=50257, max_len=1024, num_layers=12, d_model=768, num_heads=12,
+      num_kv_heads=12, head_dim=64, mlp_dim=3072, norm='layernorm',
+      position='learned', mlp='gelu', rope_theta=10000.0, norm_eps=1e-5,
+      tie_embeddings=True, use_bias=True, dtype='float32', init_std=0.02)
+
+
+def test_gpt2_124m_flops_match_hand_count():
+  # Per layer: q,k,v,o = 4 * 768 * 768 = 2,359,296; MLP 2 * 768 * 3072 =
+  # 4,718,592; 12 layers = 84,934,656; LM head 768 * 50257 = 38,597,376.
+  assert metrics.matmul_params(gpt2_124m()) == 123_532_032
+  # 6N = 741,192,192; attention 12 * 12 layers * 12 heads * 64 * 1024 = 113,246,208.
+  assert metrics.train_flops_per_token(gpt2_124m(), 1024) == 854_438_400
+
+
+def test_throughput_and_progress_line():
+  thr = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e6, peak=1e10)
+  thr._marks = [(10, 0.0), (20, 2.0)]  # 10 steps of 1000 tokens in 2 s.
+  assert thr.tokens_per_sec() == 5000
+  assert math.isclose(thr.mfu(), 0.5)
+  out = io.StringIO()
+  metrics.ProgressLine(total_steps=100, stream=out).update(
+      20, {'loss': 2.0, 'lr': 1e-3, 'grad_norm': 1.0}, thr, final=True)
+  line = out.getvalue()
+  for field in ('step  20/100', 'loss 2.0000', 'ppl     7.39', '5,000 tok/s',
+                'MFU 50.0%', 'ETA 16s'):
+    assert field in line, (field, line)

@@ -1,0 +1,105 @@
+"""The main command on a tiny config: the loss falls, reruns resume, Ctrl-C saves."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llm_jax import configuration, train
+from llm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(tmp_path, **overrides):
+  """configs/tiny.py on 120 documents, caching data under tmp_path."""
+  c = configuration.load_preset('tiny')
+  c.data.cache_dir = str(tmp_path / 'cache')
+  c.data.max_documents = 120
+  c.train.steps = 30
+  c.train.eval_every = 0
+  c.train.num_samples = 1
+  c.mesh.data = 1  # One device: the 8 simulated ones share these 2 cores.
+  c.mesh.fsdp = 1
+  for key, value in overrides.items():
+    section, name = key.split('__')
+    c[section][name] = value
+  return c
+
+
+def test_thirty_steps_lower_validation_loss(tmp_path):
+  config = tiny(tmp_path)
+  workdir = tmp_path / 'run'
+  result = train.run(config, str(workdir))
+  vocab = result['vocab_size']
+  # At init the loss is about ln(vocab); 30 steps must take off a clear margin.
+  assert result['val_history'][0] == pytest.approx(math.log(vocab), abs=0.3)
+  assert result['val_loss'] < result['val_history'][0] - 1.0, result['val_history']
+  assert result['step'] == 30
+  assert math.isfinite(result['tokens_per_sec']) and result['tokens_per_sec'] > 0
+  assert (workdir / 'checkpoints' / '30').is_dir()
+  assert json.loads((workdir / 'config.json').read_text())['train']['steps'] == 30
+  assert os.listdir(workdir / 'tb'), 'TensorBoard events missing'
+  prompt, greedy, sampled = result['samples'][0]
+  assert isinstance(greedy, str) and isinstance(sampled, str)
+
+  # The same command again: complete, nothing retrained.
+  again = train.run(config, str(workdir))
+  assert again['step'] == 30
+  assert again['val_loss'] == pytest.approx(result['val_loss'], rel=1e-6)
+
+  # A longer run on the same workdir resumes at 30 instead of starting over.
+  config.train.steps = 40
+  longer = train.run(config, str(workdir))
+  assert longer['step'] == 40 and 0 not in longer['val_history']
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+  config = tiny(tmp_path, train__steps=2)
+  train.run(config, str(tmp_path / 'run'))
+  config.model.d_model = 96
+  with pytest.raises(UserError, match=r'model.d_model=64 but this run has model.d_model=96'):
+    train.run(config, str(tmp_path / 'run'))
+
+
+def test_empty_corpus_after_cleaning(tmp_path):
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'a.txt').write_text('too short')
+  config = tiny(tmp_path, data__source='text', data__paths=str(tmp_path / 'docs' / '*.txt'))
+  with pytest.raises(UserError, match='no documents left after cleaning'):
+    train.run(config, str(tmp_path / 'run'))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_rerun_resumes(tmp_path):
+  args = [sys.executable, '-m', 'llm_jax.train', '--config=configs/tiny.py',
+          f'--workdir={tmp_path}/run', f'--config.data.cache_dir={tmp_path}/cache',
+          '--config.data.max_documents=120', '--config.train.steps=400',
+          '--config.train.log_every=1', '--config.checkpoint.every=1000']
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('step  20/400'):
+      proc.send_signal(signal.SIGINT)
+      break
+  out = ''.join(lines) + proc.stdout.read()
+  assert proc.wait(timeout=120) == 128 + signal.SIGINT, out
+  stopped = [l for l in out.splitlines() if l.startswith('Stopped at step')]
+  assert stopped, out
+  step = int(stopped[0].split()[3])
+  assert 20 <= step < 400
+  assert os.path.isdir(f'{tmp_path}/run/checkpoints/{step}')
+
+  rerun = subprocess.run(args[:-3] + ['--config.train.steps=' + str(step + 5)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert f'Resuming from the checkpoint at step {step}' in rerun.stdout
+  assert f'Done at step {step + 5}' in rerun.stdout
