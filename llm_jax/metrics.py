@@ -96,6 +96,10 @@ class Throughput:
     self._marks.append((step, time.perf_counter()))
     del self._marks[:-20]
 
+  def restart(self) -> None:
+    """Forgets earlier marks, so a pause (eval, save) is not counted."""
+    self._marks.clear()
+
   def tokens_per_sec(self) -> float:
     if len(self._marks) < 2:
       return float('nan')

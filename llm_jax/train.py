@@ -19,7 +19,7 @@ import resource
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm_jax.configuration import check_keys
@@ -184,6 +184,8 @@ def load_config():
 
 
 def main(argv) -> None:
+  # Library INFO logs (Orbax, absl) would drown the progress line.
+  logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --config=FILE.')
   config = load_config()

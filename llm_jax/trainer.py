@@ -259,6 +259,7 @@ class _LoopIO:
     self.tb.scalars(step, evals)
     metrics.say(f'eval @ step {step} | val loss {evals["val_loss"]:.4f} | '
                 f'val ppl {evals["val_ppl"]:.2f}')
+    self.thr.restart()
     return evals
 
   def report(self, step: int, step_metrics) -> None:
