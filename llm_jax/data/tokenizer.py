@@ -1,0 +1,219 @@
+"""SentencePiece tokenizers: train one on documents, load one, encode/decode.
+
+The trained tokenizer is lossless: ``decode(encode(text)) == text`` for any
+text, including code. Three settings make that so:
+
+* Normalisation is the identity, extra whitespace is kept and no dummy
+  prefix space is added, so indentation and leading spaces survive.
+* ``byte_fallback``: a character outside the vocabulary becomes its UTF-8
+  bytes (``<0x..>`` pieces), never ``unk``.
+* ``\\n`` is a user-defined piece. SentencePiece trains on *lines* (the
+  sentence iterator is split at newlines), so without it a newline would
+  never be learned and could only be encoded through byte fallback.
+
+Ids: pad 0, unk 1, bos 2, eos 3.
+"""
+
+import hashlib
+import io
+import os
+import time
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from llm_jax.errors import UserError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ('bpe', 'unigram')
+# SentencePiece samples input_sentence_size lines with its own generator;
+# a fixed seed makes the tokenizer a function of the documents alone.
+_SPM_RANDOM_SEED = 20240101
+# SentencePiece skips training lines longer than max_sentence_length bytes
+# (default 4192); long lines (minified JSON, data tables) are cut into chunks
+# of this many characters (at most 4 bytes each) instead.
+_MAX_LINE_CHARS = 1024
+
+# Settings that are part of what "a trained tokenizer" means here; the cache
+# key in shards.py includes them, so changing one retrains.
+TRAINER_OPTIONS = dict(
+    byte_fallback=True,
+    hard_vocab_limit=False,  # A tiny corpus gets fewer pieces, not an error.
+    split_digits=True,
+    remove_extra_whitespaces=False,
+    normalization_rule_name='identity',
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,  # Indentation runs become pieces.
+    user_defined_symbols=['\n'],
+    shuffle_input_sentence=True,
+    pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+)
+
+
+def training_lines(docs: Iterable[str]) -> Iterator[str]:
+  """Yields the non-empty lines of the documents, long ones in chunks."""
+  for doc in docs:
+    for line in doc.split('\n'):
+      for start in range(0, len(line), _MAX_LINE_CHARS):
+        yield line[start:start + _MAX_LINE_CHARS]
+
+
+def train_tokenizer(docs: list[str], model_path_prefix: str, tok_cfg,
+                    num_threads: int) -> str:
+  """Trains a SentencePiece model on ``docs`` and writes ``<prefix>.model``.
+
+  The file appears atomically (written under a temporary name, then
+  renamed), so a crash never leaves a truncated model behind.
+
+  Args:
+    docs: Training documents.
+    model_path_prefix: Path without the ``.model`` suffix.
+    tok_cfg: ``config.tokenizer`` (vocab_size, model_type,
+      character_coverage, input_sentence_size).
+    num_threads: Trainer threads.
+
+  Returns:
+    The path of the written ``.model`` file.
+
+  Raises:
+    UserError: the settings do not fit the corpus (e.g. vocab too small).
+  """
+  if tok_cfg.model_type not in MODEL_TYPES:
+    raise UserError(f'tokenizer.model_type={tok_cfg.model_type!r} is not one '
+                    f'of {", ".join(MODEL_TYPES)}')
+  model = io.BytesIO()
+  spm.set_random_generator_seed(_SPM_RANDOM_SEED)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_lines(docs), model_writer=model,
+        model_type=tok_cfg.model_type, vocab_size=tok_cfg.vocab_size,
+        character_coverage=tok_cfg.character_coverage,
+        input_sentence_size=tok_cfg.input_sentence_size,
+        num_threads=max(1, num_threads), minloglevel=2, **TRAINER_OPTIONS)
+  except RuntimeError as e:
+    message = ' '.join(str(e).split())
+    raise UserError(f'SentencePiece could not train a tokenizer with '
+                    f'tokenizer.vocab_size={tok_cfg.vocab_size}, '
+                    f'model_type={tok_cfg.model_type!r}: {message}') from None
+  path = model_path_prefix + '.model'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp_path = f'{path}.tmp-{os.getpid()}-{time.monotonic_ns()}'
+  with open(tmp_path, 'wb') as f:
+    f.write(_without_run_settings(model.getvalue()))
+  os.replace(tmp_path, path)
+  return path
+
+
+def _without_run_settings(model_bytes: bytes) -> bytes:
+  """Clears settings of the training *run* that the model file records.
+
+  The trainer spec stored in the model includes ``num_threads``; clearing it
+  makes the file (and so its sha256) the same however many threads trained
+  it, as the pieces already are for BPE.
+  """
+  try:
+    # pylint: disable-next=g-import-not-at-top
+    from sentencepiece import sentencepiece_model_pb2
+  except ImportError:  # Needs protobuf; the hash is then merely thread-bound.
+    return model_bytes
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_bytes)
+  proto.trainer_spec.ClearField('num_threads')
+  return proto.SerializeToString(deterministic=True)
+
+
+class Tokenizer:
+  """A loaded SentencePiece model with the ids and hash the trainer needs."""
+
+  def __init__(self, path: str, model_bytes: bytes,
+               processor: spm.SentencePieceProcessor):
+    self._path = path
+    self._model_bytes = model_bytes
+    self._sp = processor
+    self._sha256 = hashlib.sha256(model_bytes).hexdigest()
+
+  @classmethod
+  def load(cls, path: str) -> 'Tokenizer':
+    """Loads a ``.model`` file.
+
+    Raises:
+      UserError: the file is missing or not a SentencePiece model.
+    """
+    try:
+      with open(path, 'rb') as f:
+        model_bytes = f.read()
+    except OSError as e:
+      raise UserError(f'cannot read tokenizer model {path}: {e.strerror}; '
+                      'set --config.tokenizer.path to a SentencePiece .model '
+                      "file, or to '' to train one") from None
+    processor = spm.SentencePieceProcessor()
+    try:
+      processor.LoadFromSerializedProto(model_bytes)
+    except (RuntimeError, OSError):
+      processor = None
+    if processor is None or processor.get_piece_size() == 0:
+      raise UserError(f'tokenizer model {path} is not a valid SentencePiece '
+                      'model (corrupt or another format); delete it or set '
+                      '--config.tokenizer.path to a .model file')
+    return cls(path, model_bytes, processor)
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  @property
+  def sha256(self) -> str:
+    """Hex sha256 of the model file's bytes."""
+    return self._sha256
+
+  @property
+  def model_bytes(self) -> bytes:
+    """The serialized model (e.g. for a TF text op in an export)."""
+    return self._model_bytes
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  def id_to_piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(int(token_id))
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` (no bos/eos added)."""
+    return self._sp.encode(text, out_type=int)
+
+  def encode_batch(self, texts: Sequence[str],
+                   num_threads: int) -> list[list[int]]:
+    """Token ids of each text, encoded by ``num_threads`` native threads."""
+    return self._sp.encode(list(texts), out_type=int,
+                           num_threads=max(1, num_threads))
+
+  def decode(self, ids) -> str:
+    """Text of ``ids``; ids outside [0, vocab_size) decode as unk.
+
+    Control ids (pad, bos, eos) decode to nothing.
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = np.where((ids >= 0) & (ids < self.vocab_size), ids, self.unk_id)
+    return self._sp.decode(ids.tolist())
+
+  def __repr__(self) -> str:
+    return (f'Tokenizer({self._path!r}, vocab_size={self.vocab_size}, '
+            f'sha256={self._sha256[:12]})')
