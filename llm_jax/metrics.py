@@ -120,6 +120,7 @@ class ProgressLine:
     self.total = total_steps
     self.stream = stream or sys.stdout
     self.live = self.stream.isatty()
+    self.enabled = jax.process_index() == 0
 
   def text(self, step: int, m: dict, thr: Throughput) -> str:
     eta = (self.total - step) * thr.seconds_per_step()
@@ -131,6 +132,8 @@ class ProgressLine:
 
   def update(self, step: int, m: dict, thr: Throughput, final: bool) -> None:
     """Writes the line; ``final`` ends it with a newline (a log interval)."""
+    if not self.enabled:
+      return
     if final:
       self.stream.write(('\r' if self.live else '') + self.text(step, m, thr) + '\n')
     elif self.live:

@@ -9,6 +9,7 @@ TPU pod slice.
 
 from collections.abc import Mapping, Sequence
 import math
+import os
 from typing import Any
 
 import jax
@@ -19,6 +20,34 @@ import optax
 from llm_jax.errors import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def initialize_distributed(coordinator: str = '', num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """Joins a multi-host job through JAX's own runtime, when there is one.
+
+  Explicit settings (arguments, else $LLM_JAX_COORDINATOR,
+  $LLM_JAX_NUM_PROCESSES, $LLM_JAX_PROCESS_ID) win; otherwise a multi-host TPU
+  VM slice or a SLURM job with several tasks is detected by JAX itself. A
+  single machine needs nothing. Must run before anything touches a device.
+  """
+  env = os.environ
+  coordinator = coordinator or env.get('LLM_JAX_COORDINATOR', '')
+  num_processes = num_processes or int(env.get('LLM_JAX_NUM_PROCESSES', '0'))
+  if process_id < 0:
+    process_id = int(env.get('LLM_JAX_PROCESS_ID', '-1'))
+  if coordinator:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise UserError(
+          f'With a coordinator ({coordinator}) give the number of processes and '
+          f'this process id in [0, N): got num_processes={num_processes}, '
+          f'process_id={process_id}.')
+    # CPU devices need a collectives backend for arrays that span processes;
+    # the setting affects nothing else, so GPU/TPU hosts may have it too.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    jax.distributed.initialize()
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
@@ -93,7 +122,7 @@ def param_names(abstract_state) -> Any:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   def names(v):
-    return tuple(v.get_metadata().get('out_sharding') or (None,) * v.value.ndim)
+    return tuple(v.get_metadata().get('out_sharding') or (None,) * len(v.shape))
 
   tree = jax.tree.map(names, abstract_state,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -105,6 +134,29 @@ def tree_shardings(names_tree, mesh: Mesh, rules):
   return jax.tree.map(
       lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names_tree,
       is_leaf=lambda x: isinstance(x, tuple))
+
+
+def check_divisible(abstract_params, names_tree, mesh: Mesh, rules) -> None:
+  """Every sharded dimension must split evenly over its mesh axes.
+
+  Raises:
+    UserError: naming the parameter, its dimension and the mesh axes, e.g. a
+      tensor axis of 3 for 4 attention heads.
+  """
+  flat_shapes = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_names = jax.tree.leaves(names_tree, is_leaf=lambda x: isinstance(x, tuple))
+  for (path, leaf), names in zip(flat_shapes, flat_names):
+    spec = logical_to_spec(names, rules)
+    for dim, (size, axes, name) in enumerate(zip(leaf.shape, spec, names)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        where = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        raise UserError(
+            f'Parameter {where} has {size} along its {name!r} axis, which the '
+            f'mesh splits {ways} ways over {"x".join(axes)} '
+            f'({", ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)}); pick mesh '
+            f'sizes that divide {size}.')
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,

@@ -29,6 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/base.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     'workdir', '', 'Run directory (default runs/<config.name>); reruns resume.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator', '', 'Multi-host: HOST:PORT of process 0 (not needed on TPU VMs '
+    'or under SLURM, where JAX finds it).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: processes in all.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process, 0..N-1.')
 
 
 def _write_config(config, workdir: str) -> None:
@@ -190,6 +195,9 @@ def main(argv) -> None:
     _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --config=FILE.')
   config = load_config()
   try:
+    from llm_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                    _PROCESS_ID.value)
     result = run(config, _WORKDIR.value or None)
   except UserError as e:
     _fail(str(e))

@@ -118,8 +118,9 @@ class Trainer:
     # full copy of a sharded parameter.
     graphdef, abstract_params = nnx.split(
         nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    p_shard = sharding.tree_shardings(
-        sharding.param_names(abstract_params), mesh, rules)
+    names = sharding.param_names(abstract_params)
+    sharding.check_divisible(abstract_params.to_pure_dict(), names, mesh, rules)
+    p_shard = sharding.tree_shardings(names, mesh, rules)
     abstract = jax.eval_shape(init_fn)
     rep = sharding.replicated(mesh)
     state_shardings = TrainState(
@@ -251,6 +252,7 @@ class _LoopIO:
   log_every: int
   last: dict = dataclasses.field(default_factory=dict)
   val_history: dict = dataclasses.field(default_factory=dict)
+  loss_history: dict = dataclasses.field(default_factory=dict)
   first_step_s: float = 0.0
 
   def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
@@ -270,6 +272,7 @@ class _LoopIO:
           'optim.learning_rate or check the data; the last checkpoint is kept.')
     self.thr.mark(step)
     self.last = m
+    self.loss_history[step] = m['loss']
     final = step % self.log_every == 0 or step == self.progress.total
     self.progress.update(step, m, self.thr, final=final)
     if final:
@@ -319,6 +322,6 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
   result = {'step': int(jax.device_get(state.step)), **io.last, **evals,
             'tokens_per_sec': io.thr.tokens_per_sec(), 'mfu': io.thr.mfu(),
             'train_seconds': time.perf_counter() - t_start,
-            'val_history': io.val_history,
+            'val_history': io.val_history, 'loss_history': io.loss_history,
             'stopped_by_signal': stop_signal}
   return state, result
