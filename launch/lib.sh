@@ -22,11 +22,11 @@ need_value() {
 }
 
 # quote WORD: sets REPLY to WORD quoted for a POSIX shell, readably: plain
-# words stay bare, `--opt=` keeps its name bare, and the rest is single-quoted
+# words stay bare, `--opt=` and `NAME=` stay bare, and the rest is single-quoted
 # (or double-quoted when it holds a ' but nothing a double quote expands).
 quote() {
   local word=$1 prefix=''
-  if [[ $word =~ ^--[A-Za-z0-9_.-]+= ]]; then
+  if [[ $word =~ ^(--[A-Za-z0-9_.-]+|[A-Za-z_][A-Za-z0-9_]*)= ]]; then
     prefix=${BASH_REMATCH[0]}
     word=${word#"$prefix"}
   fi

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PROG=launch/tpu_vm.sh
-# shellcheck source=launch/lib.sh
+# shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
@@ -17,7 +17,7 @@ Usage: launch/tpu_vm.sh --tpu=NAME --zone=ZONE [--project=ID] [--repo-dir=DIR]
 
 Starts the same llm_jax.train command on every worker of a TPU VM slice:
   gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all \
-    --command="cd DIR && PY -m llm_jax.train ..."
+    --command="cd DIR && exec PY -m llm_jax.train ..."
 Everything after `--` goes to llm_jax.train unchanged (quoted for the remote
 shell). --config and --workdir are required there; the workdir must be seen by
 every worker (a gs:// bucket, or a filesystem all workers mount). Rerunning the
@@ -35,7 +35,8 @@ Options (environment variable in brackets):
   --ref=REF           branch, tag or commit to check out (default: the
                       remote's default branch); pin a commit so every worker
                       runs the same code                           [REPO_REF]
-  --python=PY         Python 3.11+ on the workers (default python3) [LLM_JAX_PYTHON]
+  --python=PY         Python 3.11+ on the workers (default python3), e.g.
+                      '~/venv/bin/python'                          [LLM_JAX_PYTHON]
   --env=NAME=VALUE    set for the trainer on every worker (repeatable)
   --detach            start in the background (nohup) and return; output is
                       appended to --log on each worker
@@ -58,7 +59,9 @@ PY=${LLM_JAX_PYTHON:-python3}
 LOG='~/llm_jax_train.log'
 SETUP=0
 DETACH=0
-ENV_VARS=()
+# Tells llm_jax to join the job with jax.distributed.initialize() (JAX finds
+# the workers itself on TPU VMs and GKE).
+ENV_VARS=(LLM_JAX_DISTRIBUTED=1)
 GCLOUD_ARGS=()
 TRAIN_ARGS=()
 
@@ -102,7 +105,7 @@ if [[ -n $PROJECT ]]; then gcloud_ssh+=(--project="$PROJECT"); fi
 gcloud_ssh+=(--worker=all ${GCLOUD_ARGS[@]+"${GCLOUD_ARGS[@]}"})
 
 quote_path "$REPO_DIR"; dir_q=$REPLY
-quote "$PY"; py_q=$REPLY
+quote_path "$PY"; py_q=$REPLY  # ~/venv/bin/python works
 
 if ((SETUP)); then
   if [[ -n $REPO_URL ]]; then
@@ -118,16 +121,16 @@ if ((SETUP)); then
   run "${gcloud_ssh[@]}" --command="$setup"
 fi
 
-train=()
-if ((${#ENV_VARS[@]})); then train+=(env "${ENV_VARS[@]}"); fi
-train+=("$PY" -m llm_jax.train ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})
-join_quoted "${train[@]}"
+train=''
+if ((${#ENV_VARS[@]})); then join_quoted env "${ENV_VARS[@]}"; train="$REPLY "; fi
+join_quoted -m llm_jax.train ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"}
+train+="$py_q $REPLY"
 remote="cd $dir_q && "
 if ((DETACH)); then
-  remote+="nohup $REPLY >> "
+  remote+="nohup $train >> "
   quote_path "$LOG"
   remote+="$REPLY 2>&1 < /dev/null &"
 else
-  remote+=$REPLY
+  remote+="exec $train"
 fi
 run "${gcloud_ssh[@]}" --command="$remote"

@@ -9,8 +9,10 @@ resume needs.
 
 import logging
 import os
+import time
 from typing import Any
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -18,26 +20,44 @@ from llm_jax.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
 _MUST_MATCH = ('model',)
+# Orbax's names: the marker written last into a finished step directory, and
+# the infix of a step directory still being written.
+_COMMIT_MARKER = 'commit_success.txt'
+_TMP_MARK = 'orbax-checkpoint-tmp'
 
 
 class Checkpointer:
   """Saves every N steps (async), keeps the last K, restores the latest."""
 
-  def __init__(self, directory: str, *, every: int, keep: int):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str, *, every: int, keep: int, keep_every: int = 0):
+    # Local paths are made absolute; gs:// and other remote paths pass as they are.
+    self.directory = directory if '://' in directory else os.path.abspath(directory)
     self.every = every
     try:
-      os.makedirs(self.directory, exist_ok=True)
+      epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     except OSError as e:
       raise UserError(f'Cannot create the checkpoint directory {self.directory}: '
-                      f'{e.strerror}. Pick a writable --workdir.') from e
+                      f'{e}. Pick a writable --workdir.') from e
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True))
+            max_to_keep=keep, keep_period=keep_every or None, create=True,
+            enable_async_checkpointing=True))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def all_steps(self) -> list[int]:
+    """Steps Orbax lists (finished renames), newest first."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def is_committed(self, step: int) -> bool:
+    """Whether the step's commit marker (written last by Orbax) is present."""
+    return (epath.Path(self.directory) / str(step) / _COMMIT_MARKER).exists()
+
+  def warn_unfinished_saves(self) -> None:
+    """Names temporary directories left by a process killed mid-save."""
+    root = epath.Path(self.directory)
+    for leftover in sorted(p.name for p in root.iterdir() if _TMP_MARK in p.name):
+      logging.warning('Ignoring %s in %s: an unfinished save (the process was '
+                      'stopped while writing it).', leftover, self.directory)
 
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
@@ -48,6 +68,14 @@ class Checkpointer:
         step, force=True,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                 meta=ocp.args.JsonSave(meta)))
+
+  def set_aside(self, step: int) -> str:
+    """Renames an unreadable step's directory out of the way; never deletes it."""
+    src = epath.Path(self.directory) / str(step)
+    dst = src.with_name(f'{step}.unreadable-{int(time.time())}')
+    src.rename(dst)
+    self._manager.reload()
+    return str(dst)
 
   def metadata(self, step: int) -> dict:
     return self._manager.restore(
@@ -70,7 +98,10 @@ class Checkpointer:
 
 
 def check_compatible(saved: dict, current: dict, directory: str) -> None:
-  """Refuses a checkpoint whose model or tokenizer differ from the run's.
+  """Refuses a checkpoint whose model, tokenizer or data differ from the run's.
+
+  Other differences (learning rate, total steps, ...) are deliberate changes:
+  allowed, and listed in the log.
 
   Args:
     saved: the ``meta`` of the checkpoint.
@@ -80,24 +111,37 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
   Raises:
     UserError: naming the first differing key, with both values.
   """
-  for section in _MUST_MATCH:
-    old, new = saved['config'][section], current['config'][section]
-    for key in sorted(set(old) | set(new)):
-      if old.get(key) != new.get(key):
-        raise UserError(
-            f'The checkpoint in {directory} was trained with {section}.{key}='
-            f'{old.get(key)!r} but this run has {section}.{key}={new.get(key)!r}. '
-            'Use the same model config to resume, or a fresh --workdir.')
-  for key in ('tokenizer_sha256', 'vocab_size'):
+  old_cfg, new_cfg = _flatten(saved['config']), _flatten(current['config'])
+  for key in sorted(set(old_cfg) | set(new_cfg)):
+    if key.split('.')[0] in _MUST_MATCH and old_cfg.get(key) != new_cfg.get(key):
+      raise UserError(
+          f'The checkpoint in {directory} was trained with {key}='
+          f'{old_cfg.get(key)!r} but this run has {key}={new_cfg.get(key)!r}. '
+          'Use the same model config to resume, or a fresh --workdir.')
+  # The data first: a tokenizer trained on other data differs as a result.
+  for key, what in (('data_sha256', 'training data (content hash)'),
+                    ('vocab_size', 'vocabulary size'),
+                    ('tokenizer_sha256', 'tokenizer')):
     if saved[key] != current[key]:
       raise UserError(
-          f'The checkpoint in {directory} was trained with another tokenizer '
-          f'({key} {saved[key]} vs {current[key]} now). Use the same data and '
-          'tokenizer settings to resume, or a fresh --workdir.')
-  if saved['data_sha256'] != current['data_sha256']:
-    logging.warning('Resuming on different data than the checkpoint saw '
-                    '(data hash %s..., now %s...).',
-                    saved['data_sha256'][:12], current['data_sha256'][:12])
+          f'The checkpoint in {directory} was trained with another {what} '
+          f'({str(saved[key])[:16]} then, {str(current[key])[:16]} now). Use the '
+          'same data and tokenizer settings to resume, or a fresh --workdir.')
+  changed = [f'{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}'
+             for k in sorted(set(old_cfg) | set(new_cfg))
+             if old_cfg.get(k) != new_cfg.get(k)]
+  if changed:
+    logging.warning('Resuming with changed settings: %s', '; '.join(changed))
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
 
 
 def abstract_like(tree: Any) -> Any:

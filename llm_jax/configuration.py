@@ -41,3 +41,28 @@ def check_keys(config, base=None, prefix: str = '') -> None:
                       f'declare it. Known keys here: {", ".join(sorted(base.keys()))}.')
     if hasattr(config[key], 'keys') and hasattr(base[key], 'keys'):
       check_keys(config[key], base[key], prefix=f'{name}.')
+
+
+# Machines the large presets know: name -> (description, mesh (data, fsdp,
+# tensor), compute dtype, the TPU topology `--dry_run --topology` compiles
+# for, or '' for GPUs and CPU). A preset picks one with the name after the
+# colon: --config=configs/llama_8b.py:v5p-8.
+HARDWARE = {
+    'v5p-8': ('TPU v5p, 4 chips (one host)', (1, -1, 1), 'bfloat16', 'v5p:2x2x1'),
+    'v5p-32': ('TPU v5p, 16 chips (4 hosts)', (1, -1, 1), 'bfloat16', 'v5p:2x2x4'),
+    'v5e-8': ('TPU v5e, 8 chips (one host)', (1, -1, 1), 'bfloat16', 'v5e:2x4'),
+    'v5e-16': ('TPU v5e, 16 chips (4 hosts)', (1, -1, 1), 'bfloat16', 'v5e:4x4'),
+    'h100x8': ('8 x NVIDIA H100 80GB (one node)', (1, -1, 1), 'bfloat16', ''),
+    'cpu': ('this machine, to try the shapes', (-1, 1, 1), 'float32', ''),
+}
+
+
+def apply_hardware(config, hardware: str):
+  """Sets the mesh and compute dtype for a machine from ``HARDWARE``."""
+  if hardware not in HARDWARE:
+    raise UserError(f'Unknown hardware {hardware!r} after the colon in --config: '
+                    f'use one of {", ".join(HARDWARE)}.')
+  _, (data, fsdp, tensor), dtype, _ = HARDWARE[hardware]
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+  config.model.dtype = dtype
+  return config

@@ -91,6 +91,7 @@ class Throughput:
     self.flops_per_token = flops_per_token
     self.peak = peak
     self._marks: list[tuple[int, float]] = []
+    self._last_rate = float('nan')
 
   def mark(self, step: int) -> None:
     self._marks.append((step, time.perf_counter()))
@@ -98,11 +99,13 @@ class Throughput:
 
   def restart(self) -> None:
     """Forgets earlier marks, so a pause (eval, save) is not counted."""
+    self._last_rate = self.tokens_per_sec()
     self._marks.clear()
 
   def tokens_per_sec(self) -> float:
+    """Over the recent window; just after a restart, the window before it."""
     if len(self._marks) < 2:
-      return float('nan')
+      return self._last_rate
     (s0, t0), (s1, t1) = self._marks[0], self._marks[-1]
     return (s1 - s0) * self.tokens_per_step / max(t1 - t0, 1e-9)
 

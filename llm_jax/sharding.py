@@ -27,8 +27,9 @@ def initialize_distributed(coordinator: str = '', num_processes: int = 0,
   """Joins a multi-host job through JAX's own runtime, when there is one.
 
   Explicit settings (arguments, else $LLM_JAX_COORDINATOR,
-  $LLM_JAX_NUM_PROCESSES, $LLM_JAX_PROCESS_ID) win; otherwise a multi-host TPU
-  VM slice or a SLURM job with several tasks is detected by JAX itself. A
+  $LLM_JAX_NUM_PROCESSES, $LLM_JAX_PROCESS_ID) win. Otherwise
+  $LLM_JAX_DISTRIBUTED=1 (set by launch/ scripts), a SLURM job with several
+  tasks, a GKE TPU pod or a multislice job lets JAX detect the cluster. A
   single machine needs nothing. Must run before anything touches a device.
   """
   env = os.environ
@@ -46,7 +47,12 @@ def initialize_distributed(coordinator: str = '', num_processes: int = 0,
     # the setting affects nothing else, so GPU/TPU hosts may have it too.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+  elif (env.get('LLM_JAX_DISTRIBUTED') == '1'
+        or int(env.get('SLURM_NTASKS', '1')) > 1
+        or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+        or 'MEGASCALE_COORDINATOR_ADDRESS' in env):
+    # JAX finds the coordinator and this process's id itself (TPU metadata
+    # server, SLURM variables, Megascale); launch/ scripts set the first flag.
     jax.distributed.initialize()
 
 

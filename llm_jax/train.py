@@ -20,6 +20,7 @@ import sys
 import time
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from llm_jax.configuration import check_keys
@@ -34,17 +35,35 @@ _COORDINATOR = flags.DEFINE_string(
     'or under SLURM, where JAX finds it).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-host: processes in all.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-host: this process, 0..N-1.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Compile one train step for the configured mesh and print '
+    'per-device memory (parameters, optimizer state, temporaries); no training.')
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', '', 'With --dry_run: compile for this TPU slice instead of the '
+    "local devices, e.g. v5p:2x2x1 (needs pip install -e '.[tpu]').")
 
 
 def _write_config(config, workdir: str) -> None:
-  """Writes the resolved config to workdir/config.json (atomically)."""
+  """Writes the resolved config to workdir/config.json (whole or not at all)."""
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'config.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(json.loads(config.to_json()), f, indent=2)
-  os.replace(path + '.tmp', path)
+  path = epath.Path(workdir) / 'config.json'
+  tmp = path.with_name('config.json.tmp')
+  tmp.write_text(json.dumps(json.loads(config.to_json()), indent=2))
+  tmp.replace(path)
+
+
+def _make_workdir(workdir: str) -> str:
+  """Creates the run directory (local, or a gs:// path every host can see)."""
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'Cannot create the run directory {workdir}: {e}. Pick a '
+                    'writable --workdir.') from e
+  return workdir
 
 
 def run(config, workdir: str | None = None) -> dict:
@@ -55,22 +74,21 @@ def run(config, workdir: str | None = None) -> dict:
     workdir: the run directory; default runs/<config.name>.
 
   Returns:
-    Final metrics: step, loss, val_loss, val_ppl, tokens_per_sec, mfu,
-    unigram_entropy, peak_rss_gib, wall_seconds, workdir, samples.
+    Final metrics: step, loss, val_loss, val_ppl, loss_history, val_history,
+    tokens_per_sec, mfu, unigram_entropy, peak_rss_gib, wall_seconds, workdir,
+    samples.
   """
   t0 = time.perf_counter()
   check_keys(config)
-  workdir = os.path.abspath(workdir or os.path.join('runs', config.name))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'Cannot create the run directory {workdir}: {e.strerror}.') from e
-
+  workdir = _make_workdir(workdir or os.path.join('runs', config.name))
   import jax  # pylint: disable=g-import-not-at-top
   from llm_jax import checkpoint, metrics, sharding, trainer  # pylint: disable=g-import-not-at-top
-  from llm_jax.data import pipeline, shards  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import shards  # pylint: disable=g-import-not-at-top
 
   _write_config(config, workdir)
+  if config.train.compile_cache:
+    # Compiled steps persist across restarts: a resumed run starts sooner.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
   data = shards.prepare(config, log=metrics.say)
   metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
               'nats/token (a model must beat this to have learnt anything).')
@@ -80,11 +98,32 @@ def run(config, workdir: str | None = None) -> dict:
               f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
               f'device(s); workdir {workdir}')
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 every=config.checkpoint.every,
-                                 keep=config.checkpoint.keep)
+                                 every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                 keep_every=config.checkpoint.keep_every)
+  try:
+    state, result = _resume_and_train(config, tr, ckpt, data, workdir)
+  finally:
+    ckpt.close()  # Even on an error, a save in flight is finished, not left torn.
+  if result.get('stopped_early'):
+    metrics.say(f'Stopped at step {result["step"]} with a checkpoint saved in '
+                f'{ckpt.directory}. Run the same command to resume.')
+    return result
+  result['samples'] = trainer.sample_texts(tr, state.params, data.tokenizer, config)
+  result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
+                vocab_size=data.vocab_size, wall_seconds=time.perf_counter() - t0,
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  _summarise(result)
+  return result
+
+
+def _resume_and_train(config, tr, ckpt, data, workdir):
+  """Restores or initialises the state, then trains what is left of the run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from llm_jax import metrics, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   meta_fn = lambda step: trainer.checkpoint_meta(config, data, step)
   state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0))
-
   train_w, val_w = (pipeline.TokenWindows(paths, data.manifest['dtype'], config.data.seq_len)
                     for paths in (data.train_shards, data.val_shards))
   eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in pipeline.eval_batches(
@@ -94,23 +133,9 @@ def run(config, workdir: str | None = None) -> dict:
     metrics.say(f'Training is already complete: the checkpoint is at step {start} '
                 f'and train.steps={config.train.steps}. Raise '
                 '--config.train.steps to train further.')
-    result = {'step': start, 'val_history': {},
-              **tr.evaluate(state.params, eval_batches)}
-  else:
-    state, result = _train(config, tr, ckpt, state, start, train_w, eval_batches,
-                           workdir, meta_fn)
-  ckpt.close()
-  if result.get('stopped_by_signal'):
-    metrics.say(f'Stopped at step {result["step"]} with a checkpoint saved in '
-                f'{ckpt.directory}. Run the same command to resume.')
-    return result
-  result['samples'] = trainer.sample_texts(tr, state.params, data.tokenizer, config)
-  result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
-                vocab_size=data.vocab_size,
-                wall_seconds=time.perf_counter() - t0,
-                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  _summarise(result)
-  return result
+    return state, {'step': start, 'val_history': {}, 'loss_history': {},
+                   **tr.evaluate(state.params, eval_batches)}
+  return _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn)
 
 
 def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn):
@@ -128,7 +153,8 @@ def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_
       progress=metrics.ProgressLine(config.train.steps),
       tb=metrics.TensorBoard(os.path.join(workdir, 'tb')),
       thr=metrics.Throughput(batch * seq_len, flops, peak),
-      log_every=config.train.log_every)
+      log_every=config.train.log_every, nan_policy=config.train.nan_policy,
+      max_nan_skips=config.train.max_nan_skips)
   batches = pipeline.train_batches(
       train_w, global_batch=batch, seed=config.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -157,6 +183,13 @@ def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a bad flag or override is one clear line, not a traceback."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit:
+    # absl prints --help / --helpshort / --helpfull, then exits 1; asking for
+    # help is not a failure.
+    if any(a.split('=')[0] in ('--help', '--helpshort', '--helpfull', '-h', '-?')
+           for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     _fail(f'{e}. Give a value of the type configs/base.py declares for that key.')
   except (KeyError, AttributeError) as e:
@@ -198,6 +231,11 @@ def main(argv) -> None:
     from llm_jax import sharding  # pylint: disable=g-import-not-at-top
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                     _PROCESS_ID.value)
+    if _DRY_RUN.value or _TOPOLOGY.value:
+      from llm_jax import aot  # pylint: disable=g-import-not-at-top
+      check_keys(config)
+      print(aot.format_report(aot.dry_run(config, _TOPOLOGY.value)), flush=True)
+      return
     result = run(config, _WORKDIR.value or None)
   except UserError as e:
     _fail(str(e))

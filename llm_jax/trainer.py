@@ -9,6 +9,7 @@ CPU, a device mesh and (later) export.
 import dataclasses
 import functools
 import json
+import logging
 import signal
 import time
 from typing import Any
@@ -68,11 +69,18 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = losses.mean()
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  # A non-finite loss or gradient never reaches the weights or the Adam
+  # moments; train.nan_policy decides on the host whether to stop or go on.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep_if_finite = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
-      step=state.step + 1, params=optax.apply_updates(state.params, updates),
-      opt_state=opt_state)
-  return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
-                     'lr': schedule(state.step)}
+      step=state.step + 1, params=keep_if_finite(params, state.params),
+      opt_state=keep_if_finite(opt_state, state.opt_state))
+  return new_state, {'loss': loss, 'grad_norm': grad_norm,
+                     'lr': schedule(state.step), 'finite': finite}
 
 
 def eval_step(params, batch: dict, *, graphdef) -> dict:
@@ -101,7 +109,7 @@ class Trainer:
   def build(cls, config, vocab_size: int, mesh) -> 'Trainer':
     model_cfg = ModelConfig.from_config(
         config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
-    _check_batch(config, mesh)
+    _check_train_config(config, mesh)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     tx = optim.make_optimizer(config.optim, config.train.steps)
     rules = config.mesh.rules
@@ -153,8 +161,10 @@ class Trainer:
     return {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50)))}
 
 
-def _check_batch(config, mesh) -> None:
-  """The global batch must split evenly over micro-batches and batch shards."""
+def _check_train_config(config, mesh) -> None:
+  """Refuses train settings that cannot work, before anything is compiled."""
+  if config.train.nan_policy not in ('halt', 'skip'):
+    raise UserError(f"train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
   batch, accum = config.train.batch_size, config.optim.grad_accum_steps
   ways = sharding.batch_divisor(mesh, config.mesh.rules)
   if accum < 1 or batch % accum:
@@ -231,16 +241,61 @@ def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str,
 
 
 
+def _agree_to_stop(local_request: bool, step: int) -> bool:
+  """Whether to stop now: this host's signal, any host's, or a preemption notice.
+
+  With several processes all must stop at the same step (a checkpoint is a
+  collective operation), so the request is shared with one small all-gather.
+  """
+  if jax.process_count() == 1:
+    return local_request
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    # TPU/GKE maintenance events arrive through JAX's preemption service.
+    local_request |= multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:
+    pass  # No preemption service in this job.
+  return bool(multihost_utils.process_allgather(np.int32(local_request)).max())
+
+
 def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
                     meta: dict) -> tuple[TrainState, int]:
-  """Resumes from the latest checkpoint if there is one, else initialises."""
-  latest = ckpt.latest_step()
-  if latest is None:
-    return trainer.init_fn(), 0
-  ckpt_lib.check_compatible(ckpt.metadata(latest), meta, ckpt.directory)
-  metrics.say(f'Resuming from the checkpoint at step {latest} in {ckpt.directory}.')
-  state = ckpt.restore(latest, trainer.abstract_state())
-  return state, int(jax.device_get(state.step))
+  """Resumes from the newest checkpoint that loads, else initialises.
+
+  A torn checkpoint (a file cut short, the commit marker gone) is named in a
+  warning and the next older one is tried; once one loads, the torn ones are
+  moved aside (never deleted) so later saves can reuse their steps. If
+  checkpoints exist but none loads, the run stops and moves nothing: it never
+  silently starts again from step 0.
+  """
+  ckpt.warn_unfinished_saves()
+  steps, torn = ckpt.all_steps(), []
+  for step in steps:
+    try:
+      if not ckpt.is_committed(step):
+        raise FileNotFoundError('its commit marker is missing')
+      ckpt_lib.check_compatible(ckpt.metadata(step), meta, ckpt.directory)
+      state = ckpt.restore(step, trainer.abstract_state())
+    except UserError:
+      raise  # A checkpoint that loads but does not fit this run.
+    except Exception as e:  # pylint: disable=broad-except
+      first_line = (str(e).strip().splitlines() or [''])[0][:200]
+      logging.warning('The checkpoint at step %d in %s cannot be read (%s: %s); '
+                      'trying an older one.', step, ckpt.directory,
+                      type(e).__name__, first_line)
+      torn.append(step)
+      continue
+    for bad in torn:
+      logging.warning('Moved the unreadable checkpoint of step %d to %s.', bad,
+                      ckpt.set_aside(bad))
+    metrics.say(f'Resuming from the checkpoint at step {step} in {ckpt.directory}.')
+    return state, int(jax.device_get(state.step))
+  if steps:
+    raise UserError(
+        f'No checkpoint in {ckpt.directory} could be read (steps '
+        f'{", ".join(map(str, steps))}; see the warnings above). Move that '
+        'directory away to start over, or restore it from a backup.')
+  return trainer.init_fn(), 0
 
 
 @dataclasses.dataclass
@@ -254,6 +309,28 @@ class _LoopIO:
   val_history: dict = dataclasses.field(default_factory=dict)
   loss_history: dict = dataclasses.field(default_factory=dict)
   first_step_s: float = 0.0
+  nan_policy: str = 'halt'
+  max_nan_skips: int = 3
+  nan_skipped: int = 0
+  nan_streak: int = 0
+
+  def _non_finite(self, step: int, m: dict) -> None:
+    """Applies train.nan_policy to a step whose update was not applied."""
+    what = f'loss {m["loss"]}, gradient norm {m["grad_norm"]}'
+    if self.nan_policy == 'skip' and self.nan_streak < self.max_nan_skips:
+      self.nan_skipped += 1
+      self.nan_streak += 1
+      logging.warning('Step %d: %s; its update was dropped (%d skipped so far, '
+                      '%d in a row; train.nan_policy=skip).', step, what,
+                      self.nan_skipped, self.nan_streak)
+      return
+    reason = ('train.nan_policy=halt' if self.nan_policy == 'halt' else
+              f'{self.nan_streak + 1} in a row, train.max_nan_skips='
+              f'{self.max_nan_skips}')
+    raise UserError(
+        f'Training stopped at step {step}: {what} ({reason}). The update was '
+        'not applied and the last checkpoint is kept. Lower '
+        'optim.learning_rate or check the data, then rerun to resume.')
 
   def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
     evals = trainer.evaluate(params, batches)
@@ -266,10 +343,10 @@ class _LoopIO:
 
   def report(self, step: int, step_metrics) -> None:
     m = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-    if not np.isfinite(m['loss']):
-      raise UserError(
-          f'The training loss became {m["loss"]} at step {step}. Lower '
-          'optim.learning_rate or check the data; the last checkpoint is kept.')
+    if not m.pop('finite'):
+      self._non_finite(step, m)
+    else:
+      self.nan_streak = 0
     self.thr.mark(step)
     self.last = m
     self.loss_history[step] = m['loss']
@@ -290,7 +367,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
   waits for the device except to read numbers that are already done.
   """
   cfg = trainer.config.train
-  pending, evals, stop_signal = None, {}, None
+  pending, evals, stop_signal, stopped_early = None, {}, None, False
   if start == 0:
     io.evaluate(trainer, state.params, eval_batches, 0)
   t_start = time.perf_counter()
@@ -310,10 +387,14 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
         io.report(*pending)
         pending = None
         evals = io.evaluate(trainer, state.params, eval_batches, done)
-      if is_last or ckpt.should_save(done) or stop.received:
+      stop_now = _agree_to_stop(stop.received is not None, done)
+      stop_here = cfg.stop_at and done >= cfg.stop_at and not is_last
+      if is_last or ckpt.should_save(done) or stop_now or stop_here:
         ckpt.save(done, state, meta_fn(done))
-      if stop.received:
-        stop_signal = stop.received
+      if stop_now or stop_here:
+        # Another host's signal or a preemption notice counts as a SIGTERM.
+        stop_signal = stop.received or (signal.SIGTERM if stop_now else None)
+        stopped_early = True
         break
     if pending is not None:
       io.report(*pending)
@@ -323,5 +404,6 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
             'tokens_per_sec': io.thr.tokens_per_sec(), 'mfu': io.thr.mfu(),
             'train_seconds': time.perf_counter() - t_start,
             'val_history': io.val_history, 'loss_history': io.loss_history,
-            'stopped_by_signal': stop_signal}
+            'stopped_by_signal': stop_signal, 'stopped_early': stopped_early,
+            'nan_skipped': io.nan_skipped}
   return state, result

@@ -7,3 +7,29 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+  """A factory of configs/tiny.py on 120 documents, cached in tmp (8 devices).
+
+  Overrides are ``section__key=value`` keyword arguments.
+  """
+  from llm_jax import configuration  # pylint: disable=g-import-not-at-top
+
+  def make(**overrides):
+    c = configuration.load_preset('tiny')
+    c.data.cache_dir = str(tmp_path / 'cache')
+    c.data.max_documents = 120
+    c.train.steps = 30
+    c.train.eval_every = 0
+    c.train.num_samples = 1
+    c.optim.warmup_steps = 2  # Runs here are a few steps long.
+    for key, value in overrides.items():
+      section, name = key.split('__')
+      c[section][name] = value
+    return c
+
+  return make

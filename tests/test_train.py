@@ -10,30 +10,14 @@ import time
 
 import pytest
 
-from llm_jax import configuration, train
+from llm_jax import train
 from llm_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny(tmp_path, **overrides):
-  """configs/tiny.py on 120 documents, caching data under tmp_path."""
-  c = configuration.load_preset('tiny')
-  c.data.cache_dir = str(tmp_path / 'cache')
-  c.data.max_documents = 120
-  c.train.steps = 30
-  c.train.eval_every = 0
-  c.train.num_samples = 1
-  c.mesh.data = 1  # One device: the 8 simulated ones share these 2 cores.
-  c.mesh.fsdp = 1
-  for key, value in overrides.items():
-    section, name = key.split('__')
-    c[section][name] = value
-  return c
-
-
-def test_thirty_steps_lower_validation_loss(tmp_path):
-  config = tiny(tmp_path)
+def test_thirty_steps_lower_validation_loss(tmp_path, tiny_config):
+  config = tiny_config()
   workdir = tmp_path / 'run'
   result = train.run(config, str(workdir))
   vocab = result['vocab_size']
@@ -59,18 +43,18 @@ def test_thirty_steps_lower_validation_loss(tmp_path):
   assert longer['step'] == 40 and 0 not in longer['val_history']
 
 
-def test_resume_refuses_a_different_model(tmp_path):
-  config = tiny(tmp_path, train__steps=2)
+def test_resume_refuses_a_different_model(tmp_path, tiny_config):
+  config = tiny_config(train__steps=2, optim__warmup_steps=1)
   train.run(config, str(tmp_path / 'run'))
   config.model.d_model = 96
   with pytest.raises(UserError, match=r'model.d_model=64 but this run has model.d_model=96'):
     train.run(config, str(tmp_path / 'run'))
 
 
-def test_empty_corpus_after_cleaning(tmp_path):
+def test_empty_corpus_after_cleaning(tmp_path, tiny_config):
   (tmp_path / 'docs').mkdir()
   (tmp_path / 'docs' / 'a.txt').write_text('too short')
-  config = tiny(tmp_path, data__source='text', data__paths=str(tmp_path / 'docs' / '*.txt'))
+  config = tiny_config(data__source='text', data__paths=str(tmp_path / 'docs' / '*.txt'))
   with pytest.raises(UserError, match='no documents left after cleaning'):
     train.run(config, str(tmp_path / 'run'))
 

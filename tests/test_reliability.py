@@ -1,0 +1,222 @@
+"""Runs you can trust: exact resume, signals, torn checkpoints, NaN, refusals."""
+
+import glob
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from llm_jax import train
+from llm_jax.data import pipeline
+from llm_jax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_checkpoint(path):
+  """A checkpoint's arrays as numpy, restored without any model code."""
+  with ocp.StandardCheckpointer() as ckpt:
+    return jax.tree.map(np.asarray, ckpt.restore(os.path.join(path, 'state')))
+
+
+def assert_trees_bit_equal(a, b):
+  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for (path, x), y in zip(flat_a, flat_b):
+    assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+
+
+def cli(workdir, cache, *overrides, popen=False):
+  args = [sys.executable, '-m', 'llm_jax.train', '--config=configs/tiny.py',
+          f'--workdir={workdir}', f'--config.data.cache_dir={cache}',
+          '--config.data.max_documents=120', '--config.train.steps=40',
+          '--config.train.log_every=1', '--config.checkpoint.every=100',
+          '--config.train.num_samples=0', *overrides]
+  env = {**os.environ, 'XLA_FLAGS': ''}
+  if popen:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_is_bit_exact(tmp_path):
+  """Straight to step 12, against SIGTERM at a step >= 4 and a new process resuming."""
+  cache = tmp_path / 'cache'
+  straight = cli(tmp_path / 'a', cache, '--config.train.stop_at=12')
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  proc = cli(tmp_path / 'b', cache, popen=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('step  4/40'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = ''.join(lines) + proc.stdout.read()
+  assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out[-2000:]
+  stopped = int(next(l for l in out.splitlines() if l.startswith('Stopped at step')).split()[3])
+  assert 4 <= stopped < 12
+  assert os.path.isdir(tmp_path / 'b' / 'checkpoints' / str(stopped))
+
+  resumed = cli(tmp_path / 'b', cache, '--config.train.stop_at=12')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'Resuming from the checkpoint at step {stopped}' in resumed.stdout
+  # Every step's loss, as TensorBoard recorded it (float32, exact).
+  assert tb_losses(tmp_path / 'a') == tb_losses(tmp_path / 'b')
+  assert len(tb_losses(tmp_path / 'a')) == 12
+  # Params, optimizer state, step and RNG: equal bit for bit.
+  assert_trees_bit_equal(read_checkpoint(tmp_path / 'a' / 'checkpoints' / '12'),
+                         read_checkpoint(tmp_path / 'b' / 'checkpoints' / '12'))
+
+
+def tb_losses(workdir) -> dict:
+  from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for path in glob.glob(str(workdir / 'tb' / 'events.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'loss':
+          losses[event.step] = tf.make_ndarray(value.tensor).item()
+  return losses
+
+
+def record_batches(monkeypatch, poison=()):
+  """Hashes of every training batch the loop takes; targets out of range at ``poison``."""
+  hashes = []
+  real = pipeline.train_batches
+
+  def spy(windows, *, start_step, **kwargs):
+    for step, batch in enumerate(real(windows, start_step=start_step, **kwargs),
+                                 start=start_step + 1):
+      if step in poison:  # A corrupt shard: ids past the vocabulary give NaN.
+        batch = {**batch, 'targets': np.full_like(batch['targets'], 10**6)}
+      hashes.append(hashlib.sha256(batch['inputs'].tobytes()).hexdigest())
+      yield batch
+
+  monkeypatch.setattr(pipeline, 'train_batches', spy)
+  return hashes
+
+
+def test_resume_sees_exactly_the_uninterrupted_batches(tmp_path, tiny_config, monkeypatch):
+  hashes = record_batches(monkeypatch)
+  straight = train.run(tiny_config(train__steps=12), str(tmp_path / 'a'))
+  straight_hashes = list(hashes)
+  hashes.clear()
+  first = train.run(tiny_config(train__steps=12, train__stop_at=5),
+                    str(tmp_path / 'b'))
+  assert first['stopped_early'] and first['step'] == 5
+  second = train.run(tiny_config(train__steps=12), str(tmp_path / 'b'))
+  assert second['step'] == 12
+  assert hashes == straight_hashes and len(set(hashes)) == 12, 'a batch repeated or skipped'
+  assert {**first['loss_history'], **second['loss_history']} == straight['loss_history']
+
+
+def test_two_fresh_runs_give_identical_losses(tmp_path, tiny_config):
+  a = train.run(tiny_config(train__steps=6), str(tmp_path / 'a'))
+  b = train.run(tiny_config(train__steps=6), str(tmp_path / 'b'))
+  assert a['loss_history'] == b['loss_history'] and len(a['loss_history']) == 6
+
+
+def make_checkpoints(tmp_path, tiny_config):
+  config = tiny_config(train__steps=6, checkpoint__every=2, checkpoint__keep=3)
+  train.run(config, str(tmp_path / 'run'))
+  return config, tmp_path / 'run' / 'checkpoints'
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'no_marker'])
+def test_torn_latest_checkpoint_falls_back_with_a_warning(tmp_path, tiny_config, caplog, damage):
+  config, ckpts = make_checkpoints(tmp_path, tiny_config)
+  if damage == 'truncate':
+    for path in glob.glob(str(ckpts / '6' / 'state' / 'ocdbt.process_0' / 'd' / '*')):
+      with open(path, 'r+b') as f:
+        f.truncate(10)
+  else:
+    os.remove(ckpts / '6' / 'commit_success.txt')
+  config.train.steps = 8
+  result = train.run(config, str(tmp_path / 'run'))
+  assert result['step'] == 8 and 0 not in result['val_history']
+  assert 'step 6' in caplog.text and str(ckpts) in caplog.text, caplog.text
+  assert min(result['loss_history']) == 5, 'did not resume from step 4'
+
+
+def test_unfinished_save_is_ignored_with_a_warning(tmp_path, tiny_config, caplog):
+  config, ckpts = make_checkpoints(tmp_path, tiny_config)
+  leftover = ckpts / '8.orbax-checkpoint-tmp-1234'
+  leftover.mkdir()
+  (leftover / 'partial').write_bytes(b'\0' * 10)
+  config.train.steps = 7
+  assert train.run(config, str(tmp_path / 'run'))['step'] == 7
+  assert '8.orbax-checkpoint-tmp-1234' in caplog.text
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path, tiny_config):
+  config, ckpts = make_checkpoints(tmp_path, tiny_config)
+  for step in ('2', '4', '6'):
+    os.remove(ckpts / step / 'commit_success.txt')
+  with pytest.raises(UserError, match='No checkpoint in .* could be read'):
+    train.run(config, str(tmp_path / 'run'))
+
+
+def test_finished_run_changes_nothing(tmp_path, tiny_config, capsys):
+  config, ckpts = make_checkpoints(tmp_path, tiny_config)
+  before = sorted((p, os.path.getmtime(p)) for p in glob.glob(str(ckpts / '**'), recursive=True))
+  result = train.run(config, str(tmp_path / 'run'))
+  assert result['step'] == 6
+  assert 'Training is already complete' in capsys.readouterr().out
+  after = sorted((p, os.path.getmtime(p)) for p in glob.glob(str(ckpts / '**'), recursive=True))
+  assert before == after
+
+
+def test_checkpoint_path_that_is_a_file_fails_at_once(tmp_path, tiny_config):
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'checkpoints').write_text('not a directory')
+  with pytest.raises(UserError, match='Cannot create the checkpoint directory'):
+    train.run(tiny_config(), str(tmp_path / 'run'))
+
+
+def test_changed_data_is_refused_and_changed_lr_is_logged(tmp_path, tiny_config, caplog):
+  config, _ = make_checkpoints(tmp_path, tiny_config)
+  config.train.steps, config.optim.learning_rate = 7, 1e-3
+  train.run(config, str(tmp_path / 'run'))
+  assert 'optim.learning_rate: 0.005 -> 0.001' in caplog.text
+  config.data.max_documents = 100
+  with pytest.raises(UserError, match=r'another training data \(content hash\)'):
+    train.run(config, str(tmp_path / 'run'))
+
+
+def test_nan_halt_stops_before_the_update(tmp_path, tiny_config, monkeypatch):
+  record_batches(monkeypatch, poison={5})
+  config = tiny_config(train__steps=8, checkpoint__every=2)
+  with pytest.raises(UserError, match='Training stopped at step 5: loss nan'):
+    train.run(config, str(tmp_path / 'run'))
+  ckpts = tmp_path / 'run' / 'checkpoints'
+  assert sorted(os.listdir(ckpts)) == ['2', '4']
+  params = read_checkpoint(ckpts / '4')['params']
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nan_skip_drops_the_update_and_halts_after_a_streak(tmp_path, tiny_config, monkeypatch):
+  record_batches(monkeypatch, poison={3})
+  config = tiny_config(train__steps=5, train__nan_policy='skip', checkpoint__every=1,
+                       checkpoint__keep=10)
+  result = train.run(config, str(tmp_path / 'a'))
+  assert result['step'] == 5 and result['nan_skipped'] == 1
+  ckpts = tmp_path / 'a' / 'checkpoints'
+  before, after = read_checkpoint(ckpts / '2'), read_checkpoint(ckpts / '3')
+  assert_trees_bit_equal(before['params'], after['params'])
+  assert_trees_bit_equal(before['opt_state'], after['opt_state'])
+  assert not np.array_equal(*(jax.tree.leaves(read_checkpoint(ckpts / s)['params'])[0]
+                              for s in ('3', '4')))
+
+  record_batches(monkeypatch, poison={2, 3, 4, 5})
+  config = tiny_config(train__steps=8, train__nan_policy='skip', train__max_nan_skips=3)
+  with pytest.raises(UserError, match=r'step 5: .*4 in a row, train.max_nan_skips=3'):
+    train.run(config, str(tmp_path / 'b'))
