@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.use_bias = False  # Biases in dense layers (GPT-2 uses them).
   c.model.dtype = 'float32'  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
   c.model.init_std = 0.02  # Std of the normal init of kernels and embeddings.
+  # What each block keeps for the backward pass: 'none' (all activations:
+  # fastest), 'full' (only its input; recompute the rest: least memory) or
+  # 'dots' (matmul outputs). Big models on accelerators want 'full'.
+  c.model.remat = 'none'
 
   # ---- Optimizer: AdamW, linear warmup then cosine decay.
   c.optim = ml_collections.ConfigDict()

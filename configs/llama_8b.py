@@ -14,6 +14,11 @@ yet measured with llm_jax (no such hardware here). --dry_run checks the fit.
 
 from llm_jax.configuration import apply_hardware, base_config
 
+# Micro-batches per step that fit each machine (from --dry_run --topology;
+# 1 sequence per chip needs about 25 GiB with remat). v5e's 16 GiB chips do
+# not hold an 8B model: --dry_run says so.
+ACCUM = {'v5p-8': 128, 'v5p-32': 16, 'v5e-8': 64, 'v5e-16': 32, 'h100x8': 32, 'cpu': 512}
+
 
 def get_config(machine: str = 'v5p-32'):
   c = base_config()
@@ -28,12 +33,12 @@ def get_config(machine: str = 'v5p-32'):
   c.model.mlp_dim = 14336
   c.model.rope_theta = 500_000.0
   c.model.norm_eps = 1e-5
+  c.model.remat = 'full'  # Recompute each block in the backward pass.
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 2000
-  c.optim.grad_accum_steps = 32
   c.train.steps = 100_000
   c.train.batch_size = 512
   c.train.eval_every = 2000
   c.train.eval_batches = 20
   c.checkpoint.every = 1000
-  return apply_hardware(c, machine)
+  return apply_hardware(c, machine, ACCUM)

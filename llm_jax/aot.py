@@ -8,6 +8,7 @@ program and from the shardings of the state.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,10 @@ def topology_devices(topology: str) -> list:
 
 def device_memory(device) -> float:
   """Bytes of memory one device has (nan where unknown, e.g. CPU)."""
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  try:
+    stats = device.memory_stats()
+  except (AttributeError, jax.errors.JaxRuntimeError):
+    stats = None  # A device of a topology compiled for, not attached here.
   if stats and 'bytes_limit' in stats:
     return float(stats['bytes_limit'])
   kind = device.device_kind.lower()
@@ -67,20 +71,29 @@ def dry_run(config, topology: str = '') -> dict:
   shape = (config.train.batch_size, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=tr.batch_sharding)
            for k in ('inputs', 'targets')}
-  compiled = tr.step_fn.lower(state, batch).compile()
-  mem = compiled.memory_analysis()
-  capacity = device_memory(devices[0])
   report = {
       'devices': f'{len(devices)} x {devices[0].device_kind}',
       'mesh': dict(mesh.shape),
       'parameters': tr.model_cfg.num_params(),
       'params_bytes': per_device_bytes(state.params),
       'opt_state_bytes': per_device_bytes(state.opt_state),
-      'temp_bytes': mem.temp_size_in_bytes,
-      'peak_bytes': max(mem.peak_memory_in_bytes,
-                        mem.argument_size_in_bytes + mem.temp_size_in_bytes),
-      'capacity_bytes': capacity,
+      'capacity_bytes': device_memory(devices[0]),
   }
+  try:
+    mem = tr.step_fn.lower(state, batch).compile().memory_analysis()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program that cannot fit, saying how much its
+    # temporaries need: that is the answer to the question asked.
+    needed = re.search(r'temporaries \(([\d.]+)([KMGT])\)', str(e))
+    if 'RESOURCE_EXHAUSTED' not in str(e) or not needed:
+      raise
+    temp = float(needed.group(1)) * 2**(10 * 'KMGT'.index(needed.group(2)) + 10)
+    return {**report, 'temp_bytes': temp, 'fits': False,
+            'peak_bytes': temp + report['params_bytes'] + report['opt_state_bytes']}
+  report['temp_bytes'] = mem.temp_size_in_bytes
+  report['peak_bytes'] = max(mem.peak_memory_in_bytes,
+                             mem.argument_size_in_bytes + mem.temp_size_in_bytes)
+  capacity = report['capacity_bytes']
   report['fits'] = (bool(report['peak_bytes'] <= capacity)
                     if math.isfinite(capacity) else None)
   return report
@@ -98,4 +111,6 @@ def format_report(r: dict) -> str:
       f'  optimizer state   {gib(r["opt_state_bytes"])}',
       f'  temporaries       {gib(r["temp_bytes"])}',
       f'  peak (compiled)   {gib(r["peak_bytes"])}   of {cap}: {verdict}',
-  ])
+  ] + ([] if r['fits'] is not False else [
+      '  To fit: raise optim.grad_accum_steps (smaller micro-batches), add '
+      'devices to mesh.fsdp, or shorten data.seq_len.']))

@@ -57,12 +57,17 @@ HARDWARE = {
 }
 
 
-def apply_hardware(config, hardware: str):
-  """Sets the mesh and compute dtype for a machine from ``HARDWARE``."""
+def apply_hardware(config, hardware: str, grad_accum_steps: dict[str, int]):
+  """Sets mesh, compute dtype and micro-batching for a machine from ``HARDWARE``.
+
+  ``grad_accum_steps`` maps each machine to the micro-batches per step that
+  fit its memory (each preset finds them with ``--dry_run``).
+  """
   if hardware not in HARDWARE:
     raise UserError(f'Unknown hardware {hardware!r} after the colon in --config: '
                     f'use one of {", ".join(HARDWARE)}.')
   _, (data, fsdp, tensor), dtype, _ = HARDWARE[hardware]
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
   config.model.dtype = dtype
+  config.optim.grad_accum_steps = grad_accum_steps[hardware]
   return config

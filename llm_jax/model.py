@@ -58,6 +58,13 @@ NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned')
 MLPS = ('swiglu', 'gelu')
 DTYPES = ('float32', 'bfloat16')
+# What a block keeps for the backward pass: everything ('none'), only its
+# input ('full': recompute the block), or its matmul outputs ('dots').
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
                   'head_dim', 'mlp_dim')
 _POSITIVE_FLOATS = ('rope_theta', 'norm_eps', 'init_std')
@@ -89,6 +96,7 @@ class ModelConfig:
   use_bias: bool
   dtype: str
   init_std: float
+  remat: str = 'none'
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -169,7 +177,8 @@ def _validate(cfg: ModelConfig) -> None:
     if not isinstance(value, (int, float)) or not value > 0:
       raise UserError(f'model.{name}={value!r} must be a positive number')
   for name, valid in (('norm', NORMS), ('position', POSITIONS),
-                      ('mlp', MLPS), ('dtype', DTYPES)):
+                      ('mlp', MLPS), ('dtype', DTYPES),
+                      ('remat', tuple(REMAT_POLICIES))):
     value = getattr(cfg, name)
     if value not in valid:
       raise UserError(f'model.{name}={value!r} is not one of '
@@ -477,7 +486,13 @@ class Transformer(nnx.Module):
       rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
     mask_BTS = causal_mask(T)
     for block in self.blocks:
-      x_BTD = block(x_BTD, rope, mask_BTS)
+      if self.cfg.remat == 'none':
+        x_BTD = block(x_BTD, rope, mask_BTS)
+      else:
+        # Activations inside the block are recomputed in the backward pass
+        # instead of held: memory per layer drops to (about) its input.
+        x_BTD = nnx.remat(lambda blk, x: blk(x, rope, mask_BTS),
+                          policy=REMAT_POLICIES[self.cfg.remat])(block, x_BTD)
     x_BTD = self.final_norm(x_BTD)
     if self.lm_head is None:
       logits_BTV = self.embed.attend(x_BTD)

@@ -130,9 +130,8 @@ def param_names(abstract_state) -> Any:
   def names(v):
     return tuple(v.get_metadata().get('out_sharding') or (None,) * len(v.shape))
 
-  tree = jax.tree.map(names, abstract_state,
-                      is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return tree.to_pure_dict() if hasattr(tree, 'to_pure_dict') else tree
+  return nnx.to_pure_dict(jax.tree.map(
+      names, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def tree_shardings(names_tree, mesh: Mesh, rules):

@@ -70,7 +70,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
     loss = losses.mean()
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   # A non-finite loss or gradient never reaches the weights or the Adam
   # moments; train.nan_policy decides on the host whether to stop or go on.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -116,7 +116,7 @@ class Trainer:
 
     def init_fn():
       model = Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
-      params = nnx.state(model, nnx.Param).to_pure_dict()
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=tx.init(params),
                         rng=jax.random.key_data(jax.random.key(config.seed)))
@@ -127,7 +127,7 @@ class Trainer:
     graphdef, abstract_params = nnx.split(
         nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     names = sharding.param_names(abstract_params)
-    sharding.check_divisible(abstract_params.to_pure_dict(), names, mesh, rules)
+    sharding.check_divisible(nnx.to_pure_dict(abstract_params), names, mesh, rules)
     p_shard = sharding.tree_shardings(names, mesh, rules)
     abstract = jax.eval_shape(init_fn)
     rep = sharding.replicated(mesh)

@@ -49,8 +49,8 @@ def test_unknown_topology_is_one_clear_error():
                     "'.[tpu]' to compile for TPU slices from this machine")
 @pytest.mark.slow
 def test_gpt2_124m_fits_a_v5p_slice():
-  config = configuration.load_preset('gpt2_124m')
-  configuration.apply_hardware(config, 'v5p-8')
+  config = configuration.load_preset('gpt2_124m')  # Default machine: h100x8.
+  configuration.apply_hardware(config, 'v5p-8', {'v5p-8': 4})
   report = aot.dry_run(config, 'v5p:2x2x1')
   assert report['devices'].startswith('4 x TPU v5')
   assert report['fits'] is True, aot.format_report(report)

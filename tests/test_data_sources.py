@@ -1,28 +1,22 @@
 """Tests of llm_jax/data/sources.py and clean.py: reading, errors, cleaning."""
 
 import gzip
-import importlib.util
 import json
 import logging
 import os
-import pathlib
 
 import pytest
 
+from llm_jax import configuration
 from llm_jax.data import clean
 from llm_jax.data import sources
 from llm_jax.errors import UserError
 
-REPO = pathlib.Path(__file__).parents[1]
 
 
 def _data_config(**overrides):
   """A fresh ``config.data`` from configs/base.py with ``overrides``."""
-  spec = importlib.util.spec_from_file_location('base',
-                                                REPO / 'configs' / 'base.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  data = module.get_config().data
+  data = configuration.base_config().data
   data.update(overrides)
   return data
 

@@ -1,9 +1,7 @@
 """Tests of llm_jax/model.py: a plain-numpy reference, causality, init, names."""
 
 import dataclasses
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from llm_jax import configuration
 from llm_jax import model
 from llm_jax.errors import UserError
 
@@ -257,11 +256,7 @@ def test_bfloat16_compute(style):
 
 
 def _base_model_config():
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
-  spec = importlib.util.spec_from_file_location('base_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().model
+  return configuration.base_config().model
 
 
 def test_from_config_reads_base():
@@ -304,3 +299,24 @@ def test_config_is_frozen_and_hashable():
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.d_model = 8
   assert hash(cfg) == hash(_cfg())
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_gives_the_same_loss_and_gradients(remat):
+  base = _cfg('llama', dtype='float32')
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, base.vocab_size)
+
+  def loss_and_grads(cfg):
+    graphdef, params = nnx.split(model.Transformer(cfg, rngs=nnx.Rngs(0)))
+
+    def loss(p):
+      logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l0, g0), (l1, g1) = loss_and_grads(base), loss_and_grads(
+      dataclasses.replace(base, remat=remat))
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

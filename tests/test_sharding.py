@@ -1,5 +1,8 @@
 """Meshes from config: same losses on every mesh, shards as the rules say, clear errors."""
 
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -81,3 +84,49 @@ def test_batch_that_does_not_split_over_the_mesh():
   config.train.batch_size = 12
   with pytest.raises(UserError, match='make train.batch_size a multiple of 8'):
     trainer.Trainer.build(config, VOCAB, sharding.make_mesh(config.mesh))
+
+
+GOLDEN_SPECS = os.path.join(os.path.dirname(__file__), 'golden', 'partition_specs.json')
+
+
+def partition_specs(config) -> dict:
+  """'path/to/param' -> its PartitionSpec (as lists) under config.mesh.rules."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from llm_jax import model  # pylint: disable=g-import-not-at-top
+  cfg = model.ModelConfig.from_config(config.model, vocab_size=1024, max_len=64)
+  _, abstract = nnx.split(nnx.eval_shape(lambda: model.Transformer(cfg, rngs=nnx.Rngs(0))))
+  names = sharding.param_names(abstract)
+  flat = jax.tree_util.tree_flatten_with_path(
+      names, is_leaf=lambda x: isinstance(x, tuple))[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path):
+          [list(a) if isinstance(a, tuple) else a
+           for a in sharding.logical_to_spec(n, config.mesh.rules)]
+          for path, n in flat}
+
+
+def test_partition_specs_match_the_golden_file():
+  """Alarms when a parameter's sharding changes (a renamed axis, a new rule).
+
+  If the change is intended, regenerate with LLM_JAX_UPDATE_GOLDEN=1 pytest
+  tests/test_sharding.py and review the diff of the JSON file.
+  """
+  specs = {}
+  for style in ('base', 'gpt2_style'):
+    config = configuration.load_preset(style)
+    config.model.num_layers = 1  # Every block is the same.
+    specs[style] = partition_specs(config)
+  if os.environ.get('LLM_JAX_UPDATE_GOLDEN') == '1':
+    with open(GOLDEN_SPECS, 'w') as f:  # One parameter per line: diffs read well.
+      f.write('{\n' + ',\n'.join(
+          f' "{style}": {{\n' + ',\n'.join(
+              f'  {json.dumps(k)}: {json.dumps(v)}' for k, v in sorted(d.items()))
+          + '\n }' for style, d in sorted(specs.items())) + '\n}\n')
+  with open(GOLDEN_SPECS) as f:
+    golden = json.load(f)
+  for style in specs:
+    changed = {k: (golden[style].get(k), v) for k, v in specs[style].items()
+               if golden[style].get(k) != v}
+    missing = set(golden[style]) - set(specs[style])
+    assert not changed and not missing, (
+        f'{style}: parameter shardings drifted from {GOLDEN_SPECS} '
+        f'(golden, now): {changed}; gone: {missing}')

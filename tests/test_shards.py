@@ -1,6 +1,5 @@
 """Tests of llm_jax/data/shards.py: prepare, manifest, cache, errors."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -8,21 +7,17 @@ import pathlib
 import numpy as np
 import pytest
 
+from llm_jax import configuration
 from llm_jax.data import clean
 from llm_jax.data import pipeline
 from llm_jax.data import shards
 from llm_jax.errors import UserError
 
-REPO = pathlib.Path(__file__).parents[1]
 
 
 def _base_config():
   """A fresh config from configs/base.py."""
-  spec = importlib.util.spec_from_file_location('base',
-                                                REPO / 'configs' / 'base.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configuration.base_config()
 
 
 def _write_corpus(root: pathlib.Path, num_docs: int = 30) -> list[str]:
