@@ -111,12 +111,12 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
   Raises:
     UserError: naming the first differing key, with both values.
   """
-  old_cfg, new_cfg = _flatten(saved['config']), _flatten(current['config'])
-  for key in sorted(set(old_cfg) | set(new_cfg)):
-    if key.split('.')[0] in _MUST_MATCH and old_cfg.get(key) != new_cfg.get(key):
+  saved_flat, current_flat = _flatten(saved['config']), _flatten(current['config'])
+  for key in sorted(set(saved_flat) | set(current_flat)):
+    if key.split('.')[0] in _MUST_MATCH and saved_flat.get(key) != current_flat.get(key):
       raise UserError(
           f'The checkpoint in {directory} was trained with {key}='
-          f'{old_cfg.get(key)!r} but this run has {key}={new_cfg.get(key)!r}. '
+          f'{saved_flat.get(key)!r} but this run has {key}={current_flat.get(key)!r}. '
           'Use the same model config to resume, or a fresh --workdir.')
   # The data first: a tokenizer trained on other data differs as a result.
   for key, what in (('data_sha256', 'training data (content hash)'),
@@ -127,9 +127,9 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
           f'The checkpoint in {directory} was trained with another {what} '
           f'({str(saved[key])[:16]} then, {str(current[key])[:16]} now). Use the '
           'same data and tokenizer settings to resume, or a fresh --workdir.')
-  changed = [f'{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}'
-             for k in sorted(set(old_cfg) | set(new_cfg))
-             if old_cfg.get(k) != new_cfg.get(k)]
+  changed = [f'{k}: {saved_flat.get(k)!r} -> {current_flat.get(k)!r}'
+             for k in sorted(set(saved_flat) | set(current_flat))
+             if saved_flat.get(k) != current_flat.get(k)]
   if changed:
     logging.warning('Resuming with changed settings: %s', '; '.join(changed))
 

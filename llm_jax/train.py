@@ -105,8 +105,10 @@ def run(config, workdir: str | None = None) -> dict:
   finally:
     ckpt.close()  # Even on an error, a save in flight is finished, not left torn.
   if result.get('stopped_early'):
+    how = ('Run the same command to resume.' if result.get('stopped_by_signal') else
+           'Run again with a larger --config.train.stop_at (or 0) to go on.')
     metrics.say(f'Stopped at step {result["step"]} with a checkpoint saved in '
-                f'{ckpt.directory}. Run the same command to resume.')
+                f'{ckpt.directory}. {how}')
     return result
   result['samples'] = trainer.sample_texts(tr, state.params, data.tokenizer, config)
   result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
@@ -129,6 +131,12 @@ def _resume_and_train(config, tr, ckpt, data, workdir):
   eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in pipeline.eval_batches(
       val_w, global_batch=config.train.batch_size, num_batches=config.train.eval_batches,
       process_index=jax.process_index(), process_count=jax.process_count())]
+  if config.train.stop_at and start >= config.train.stop_at < config.train.steps:
+    metrics.say(f'Already at step {start}, at or past train.stop_at='
+                f'{config.train.stop_at}: nothing to do. Raise it, or set it to 0 to '
+                f'train on to train.steps={config.train.steps}.')
+    return state, {'step': start, 'stopped_early': True, 'stop_at': True,
+                   'val_history': {}, 'loss_history': {}}
   if start >= config.train.steps:
     metrics.say(f'Training is already complete: the checkpoint is at step {start} '
                 f'and train.steps={config.train.steps}. Raise '
@@ -160,7 +168,9 @@ def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_
       process_index=jax.process_index(), process_count=jax.process_count())
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({train_w.num_windows:,} windows per epoch).')
-  return trainer.run_loop(tr, ckpt, state, start, batches, eval_batches, io, meta_fn)
+  state, result = trainer.run_loop(tr, ckpt, state, start, batches, eval_batches,
+                                   io, meta_fn)
+  return state, {**result, 'tokens_per_step': batch * seq_len}
 
 
 def _summarise(r: dict) -> None:
@@ -175,6 +185,12 @@ def _summarise(r: dict) -> None:
       f'{verdict} half the unigram entropy ({half:.3f}). '
       f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
       f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
+  if r.get('save_block_seconds') and r.get('tokens_per_sec'):
+    step_s = r['tokens_per_step'] / r['tokens_per_sec']
+    metrics.say(f'First step (compile + run) {r["first_step_seconds"]:.1f}s; '
+                f'{len(r["save_block_seconds"])} checkpoint saves held the loop '
+                f'{1000 * max(r["save_block_seconds"]):.0f} ms at most (a step: '
+                f'{1000 * step_s:.0f} ms).')
   metrics.say(f'Run directory: {r["workdir"]} (checkpoints/, tb/, config.json). '
               f'TensorBoard: tensorboard --logdir {r["workdir"]}/tb')
 

@@ -309,6 +309,7 @@ class _LoopIO:
   val_history: dict = dataclasses.field(default_factory=dict)
   loss_history: dict = dataclasses.field(default_factory=dict)
   first_step_s: float = 0.0
+  save_block_s: list = dataclasses.field(default_factory=list)
   nan_policy: str = 'halt'
   max_nan_skips: int = 3
   nan_skipped: int = 0
@@ -361,7 +362,9 @@ class _LoopIO:
 def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
              start: int, batches, eval_batches: list[dict], io: _LoopIO,
              meta_fn) -> tuple[TrainState, dict]:
-  """Steps from ``start`` to ``train.steps``; returns the state and final metrics.
+  """Steps from ``start`` to ``train.steps`` (or ``train.stop_at``, or a signal).
+
+  Returns the state and the final metrics.
 
   Step N is dispatched before step N-1's metrics are fetched, so the host never
   waits for the device except to read numbers that are already done.
@@ -390,7 +393,9 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
       stop_now = _agree_to_stop(stop.received is not None, done)
       stop_here = cfg.stop_at and done >= cfg.stop_at and not is_last
       if is_last or ckpt.should_save(done) or stop_now or stop_here:
-        ckpt.save(done, state, meta_fn(done))
+        t_save = time.perf_counter()
+        ckpt.save(done, state, meta_fn(done))  # Async: returns once queued.
+        io.save_block_s.append(time.perf_counter() - t_save)
       if stop_now or stop_here:
         # Another host's signal or a preemption notice counts as a SIGTERM.
         stop_signal = stop.received or (signal.SIGTERM if stop_now else None)
@@ -405,5 +410,6 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
             'train_seconds': time.perf_counter() - t_start,
             'val_history': io.val_history, 'loss_history': io.loss_history,
             'stopped_by_signal': stop_signal, 'stopped_early': stopped_early,
-            'nan_skipped': io.nan_skipped}
+            'nan_skipped': io.nan_skipped, 'first_step_seconds': io.first_step_s,
+            'save_block_seconds': io.save_block_s}
   return state, result

@@ -33,3 +33,22 @@ def tiny_config(tmp_path):
     return c
 
   return make
+
+
+def stop_with_signal(proc, line_prefix: str, signum: int) -> tuple[int, str]:
+  """Sends ``signum`` once a line starting ``line_prefix`` appears.
+
+  Returns the training step the process says it stopped (and saved) at, and
+  its whole output; asserts the documented exit status, 128 + the signal.
+  """
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith(line_prefix):
+      proc.send_signal(signum)
+      break
+  out = ''.join(lines) + proc.stdout.read()
+  assert proc.wait(timeout=120) == 128 + signum, out[-2000:]
+  stopped = [l for l in out.splitlines() if l.startswith('Stopped at step')]
+  assert stopped, out[-2000:]
+  return int(stopped[0].split()[3]), out

@@ -12,9 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One process of the job: joins through jax.distributed, trains, prints results.
 WORKER = r'''
-import json, sys
+import hashlib, json, sys
 from llm_jax import configuration, sharding, train
+from llm_jax.data import pipeline
 coordinator, n, i, workdir, cache, steps, mesh = sys.argv[1:8]
+rows, real = [], pipeline.train_batches
+def spy(*args, **kwargs):  # Hashes of the training rows this host reads.
+  for batch in real(*args, **kwargs):
+    rows.extend(hashlib.sha256(r.tobytes()).hexdigest() for r in batch['inputs'])
+    yield batch
+pipeline.train_batches = spy
 if int(n) > 1:
   sharding.initialize_distributed(coordinator, int(n), int(i))
 c = configuration.load_preset('tiny')
@@ -25,7 +32,7 @@ c.mesh.data, c.mesh.fsdp, c.mesh.tensor = map(int, mesh.split('x'))
 r = train.run(c, workdir)
 import jax
 print('RESULT ' + json.dumps({'process': jax.process_index(), 'step': r['step'],
-      'losses': r['loss_history'], 'val_loss': r['val_loss']}), flush=True)
+      'losses': r['loss_history'], 'val_loss': r['val_loss'], 'rows': rows}), flush=True)
 '''
 
 
@@ -64,6 +71,9 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
       assert abs(r['losses'][step] - loss) <= 1e-5 * abs(loss), (step, r, one)
     assert abs(r['val_loss'] - one['val_loss']) <= 1e-5 * one['val_loss']
   assert 'step 6/6' in two[0][1] and 'step 6/6' not in two[1][1], 'only process 0 logs'
+  # The hosts read disjoint rows that together are the one-host batches.
+  rows0, rows1 = set(two[0][0]['rows']), set(two[1][0]['rows'])
+  assert rows0 and not rows0 & rows1 and rows0 | rows1 == set(one['rows'])
 
   # A checkpoint written by two processes resumes in one, and the other way round.
   [(resumed, out)] = launch(1, 8, tmp_path / 'two', cache, 9, '1x8x1')

@@ -3,6 +3,7 @@
 import glob
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import stop_with_signal
 from llm_jax import train
 from llm_jax.data import pipeline
 from llm_jax.errors import UserError
@@ -54,15 +56,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   assert straight.returncode == 0, straight.stderr[-2000:]
 
   proc = cli(tmp_path / 'b', cache, popen=True)
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith('step  4/40'):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out = ''.join(lines) + proc.stdout.read()
-  assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out[-2000:]
-  stopped = int(next(l for l in out.splitlines() if l.startswith('Stopped at step')).split()[3])
+  stopped, _ = stop_with_signal(proc, 'step  4/40', signal.SIGTERM)
   assert 4 <= stopped < 12
   assert os.path.isdir(tmp_path / 'b' / 'checkpoints' / str(stopped))
 
@@ -113,6 +107,8 @@ def test_resume_sees_exactly_the_uninterrupted_batches(tmp_path, tiny_config, mo
   first = train.run(tiny_config(train__steps=12, train__stop_at=5),
                     str(tmp_path / 'b'))
   assert first['stopped_early'] and first['step'] == 5
+  # The same command again does nothing more: stop_at is a place, not a count.
+  assert train.run(tiny_config(train__steps=12, train__stop_at=5), str(tmp_path / 'b'))['step'] == 5
   second = train.run(tiny_config(train__steps=12), str(tmp_path / 'b'))
   assert second['step'] == 12
   assert hashes == straight_hashes and len(set(hashes)) == 12, 'a batch repeated or skipped'
@@ -220,3 +216,23 @@ def test_nan_skip_drops_the_update_and_halts_after_a_streak(tmp_path, tiny_confi
   config = tiny_config(train__steps=8, train__nan_policy='skip', train__max_nan_skips=3)
   with pytest.raises(UserError, match=r'step 5: .*4 in a row, train.max_nan_skips=3'):
     train.run(config, str(tmp_path / 'b'))
+
+
+@pytest.mark.slow
+def test_sigkill_during_async_saves_resumes_from_a_whole_checkpoint(tmp_path):
+  """kill -9 while a save is likely in flight (one every step): no torn resume."""
+  cache, ckpts = tmp_path / 'cache', tmp_path / 'run' / 'checkpoints'
+  proc = cli(tmp_path / 'run', cache, '--config.checkpoint.every=1',
+             '--config.checkpoint.keep=3', popen=True)
+  for line in proc.stdout:
+    if line.startswith('step 15/40'):
+      proc.kill()
+      break
+  proc.wait(timeout=60)
+  leftovers = [p for p in os.listdir(ckpts) if 'orbax-checkpoint-tmp' in p]
+  rerun = cli(tmp_path / 'run', cache, '--config.train.stop_at=20')
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  resumed = re.search(r'Resuming from the checkpoint at step (\d+)', rerun.stdout)
+  assert resumed and 10 <= int(resumed.group(1)) <= 16, rerun.stdout[-2000:]
+  for name in leftovers:  # Each unfinished save is named, then ignored.
+    assert name in rerun.stderr, (name, rerun.stderr[-2000:])

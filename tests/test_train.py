@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import stop_with_signal
 from llm_jax import train
 from llm_jax.errors import UserError
 
@@ -67,17 +68,7 @@ def test_ctrl_c_saves_and_rerun_resumes(tmp_path):
   env = {**os.environ, 'XLA_FLAGS': ''}
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  lines = []
-  for line in proc.stdout:
-    lines.append(line)
-    if line.startswith('step  20/400'):
-      proc.send_signal(signal.SIGINT)
-      break
-  out = ''.join(lines) + proc.stdout.read()
-  assert proc.wait(timeout=120) == 128 + signal.SIGINT, out
-  stopped = [l for l in out.splitlines() if l.startswith('Stopped at step')]
-  assert stopped, out
-  step = int(stopped[0].split()[3])
+  step, _ = stop_with_signal(proc, 'step  20/400', signal.SIGINT)
   assert 20 <= step < 400
   assert os.path.isdir(f'{tmp_path}/run/checkpoints/{step}')
 
