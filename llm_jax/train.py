@@ -187,10 +187,11 @@ def _summarise(r: dict) -> None:
       f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
   if r.get('save_block_seconds') and r.get('tokens_per_sec'):
     step_s = r['tokens_per_step'] / r['tokens_per_sec']
+    held = sorted(r['save_block_seconds'])
     metrics.say(f'First step (compile + run) {r["first_step_seconds"]:.1f}s; '
-                f'{len(r["save_block_seconds"])} checkpoint saves held the loop '
-                f'{1000 * max(r["save_block_seconds"]):.0f} ms at most (a step: '
-                f'{1000 * step_s:.0f} ms).')
+                f'{len(held)} checkpoint saves held the loop {1000 * held[len(held) // 2]:.0f} '
+                f'ms (median), {1000 * held[-1]:.0f} ms at most; a step takes '
+                f'{1000 * step_s:.0f} ms.')
   metrics.say(f'Run directory: {r["workdir"]} (checkpoints/, tb/, config.json). '
               f'TensorBoard: tensorboard --logdir {r["workdir"]}/tb')
 
