@@ -157,7 +157,7 @@ def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_
   flops = metrics.train_flops_per_token(tr.model_cfg, seq_len)
   metrics.say(f'MFU: {flops / 1e6:.1f} MFLOP/token (6N + attention) against '
               f'{peak_source}.')
-  io = trainer._LoopIO(  # pylint: disable=protected-access
+  io = trainer.LoopIO(
       progress=metrics.ProgressLine(config.train.steps),
       tb=metrics.TensorBoard(os.path.join(workdir, 'tb')),
       thr=metrics.Throughput(batch * seq_len, flops, peak),

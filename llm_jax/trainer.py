@@ -299,7 +299,7 @@ def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
 
 
 @dataclasses.dataclass
-class _LoopIO:
+class LoopIO:
   """The loop's outputs: progress line, TensorBoard, throughput, history."""
   progress: metrics.ProgressLine
   tb: metrics.TensorBoard
@@ -360,7 +360,7 @@ class _LoopIO:
 
 
 def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
-             start: int, batches, eval_batches: list[dict], io: _LoopIO,
+             start: int, batches, eval_batches: list[dict], io: LoopIO,
              meta_fn) -> tuple[TrainState, dict]:
   """Steps from ``start`` to ``train.steps`` (or ``train.stop_at``, or a signal).
 
