@@ -241,20 +241,27 @@ def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str,
 
 
 
-def _agree_to_stop(local_request: bool, step: int) -> bool:
+def _agree_to_stop(local_request: bool, step: int, every: int) -> bool:
   """Whether to stop now: this host's signal, any host's, or a preemption notice.
 
   With several processes all must stop at the same step (a checkpoint is a
-  collective operation), so the request is shared with one small all-gather.
+  collective operation). JAX's preemption sync point is meant to be asked
+  every step; the signals are shared with an all-gather only every ``every``
+  steps, because it waits for the step in flight and would otherwise cost the
+  loop its one-step lead.
   """
   if jax.process_count() == 1:
     return local_request
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   try:
-    # TPU/GKE maintenance events arrive through JAX's preemption service.
-    local_request |= multihost_utils.reached_preemption_sync_point(step)
+    # TPU/GKE maintenance events arrive through JAX's preemption service, at
+    # the same step on every host.
+    if multihost_utils.reached_preemption_sync_point(step):
+      return True
   except RuntimeError:
     pass  # No preemption service in this job.
+  if step % max(every, 1):
+    return False
   return bool(multihost_utils.process_allgather(np.int32(local_request)).max())
 
 
@@ -390,7 +397,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
         io.report(*pending)
         pending = None
         evals = io.evaluate(trainer, state.params, eval_batches, done)
-      stop_now = _agree_to_stop(stop.received is not None, done)
+      stop_now = _agree_to_stop(stop.received is not None, done, cfg.log_every)
       stop_here = cfg.stop_at and done >= cfg.stop_at and not is_last
       if is_last or ckpt.should_save(done) or stop_now or stop_here:
         t_save = time.perf_counter()
