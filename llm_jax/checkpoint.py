@@ -26,6 +26,11 @@ _COMMIT_MARKER = 'commit_success.txt'
 _TMP_MARK = 'orbax-checkpoint-tmp'
 
 
+def committed(step_dir: str) -> bool:
+  """Whether a step directory holds Orbax's commit marker (written last)."""
+  return (epath.Path(step_dir) / _COMMIT_MARKER).exists()
+
+
 class Checkpointer:
   """Saves every N steps (async), keeps the last K, restores the latest."""
 
@@ -50,7 +55,7 @@ class Checkpointer:
 
   def is_committed(self, step: int) -> bool:
     """Whether the step's commit marker (written last by Orbax) is present."""
-    return (epath.Path(self.directory) / str(step) / _COMMIT_MARKER).exists()
+    return committed(str(epath.Path(self.directory) / str(step)))
 
   def warn_unfinished_saves(self) -> None:
     """Names temporary directories left by a process killed mid-save."""

@@ -83,6 +83,7 @@ def run(config, workdir: str | None = None) -> dict:
   workdir = _make_workdir(workdir or os.path.join('runs', config.name))
   import jax  # pylint: disable=g-import-not-at-top
   from llm_jax import checkpoint, metrics, sharding, trainer  # pylint: disable=g-import-not-at-top
+  from llm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from llm_jax.data import shards  # pylint: disable=g-import-not-at-top
 
   _write_config(config, workdir)
@@ -90,6 +91,9 @@ def run(config, workdir: str | None = None) -> dict:
     # Compiled steps persist across restarts: a resumed run starts sooner.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
   data = shards.prepare(config, log=metrics.say)
+  if jax.process_index() == 0:
+    # The workdir is complete on its own: generate/evaluate/export need no cache.
+    workdir_lib.save_tokenizer(workdir, data.tokenizer.model_bytes)
   metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
               'nats/token (a model must beat this to have learnt anything).')
   mesh = sharding.make_mesh(config.mesh)
