@@ -26,6 +26,29 @@ _COMMIT_MARKER = 'commit_success.txt'
 _TMP_MARK = 'orbax-checkpoint-tmp'
 
 
+class _OneLineOrbaxErrors(logging.Filter):
+  """Shortens Orbax's background-thread failures to one line each.
+
+  A failed async save is reported to the user once, as a UserError naming the
+  checkpoint that is still whole; Orbax's own stack traces of the same failure
+  (several per save, from its worker threads) would bury that line.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if (record.levelno >= logging.WARNING and
+        f'{os.sep}orbax{os.sep}' in record.pathname):
+      record.msg = (record.getMessage().splitlines() or [''])[0][:300]
+      record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+  for name in ('absl', 'orbax'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
+      logger.addFilter(_OneLineOrbaxErrors())
+
+
 def committed(step_dir: str) -> bool:
   """Whether a step directory holds Orbax's commit marker (written last)."""
   return (epath.Path(step_dir) / _COMMIT_MARKER).exists()
@@ -38,6 +61,7 @@ class Checkpointer:
     # Local paths are made absolute; gs:// and other remote paths pass as they are.
     self.directory = directory if '://' in directory else os.path.abspath(directory)
     self.every = every
+    _quiet_orbax_tracebacks()
     try:
       epath.Path(self.directory).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -48,6 +72,10 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=True))
+    # Steps known to be on disk whole, and the one save in flight (Orbax
+    # finishes a save before it starts the next, so one at most).
+    self._complete = [s for s in self.all_steps() if self.is_committed(s)]
+    self._in_flight = None
 
   def all_steps(self) -> list[int]:
     """Steps Orbax lists (finished renames), newest first."""
@@ -68,11 +96,54 @@ class Checkpointer:
     return self.every > 0 and step % self.every == 0
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an async save of ``state`` at ``step``; returns once it is queued."""
-    self._manager.save(
-        step, force=True,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(meta)))
+    """Starts an async save of ``state`` at ``step``; returns once it is queued.
+
+    Raises:
+      UserError: the directory cannot be written now, or an earlier async save
+        failed in the background. Either way the newest complete checkpoint
+        is untouched and the message names it.
+    """
+    self._check_writable(step)
+    try:
+      # Waits for the save in flight first: a failure here is that one's.
+      self._manager.save(
+          step, force=True,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(self._in_flight or step, e) from None
+    self._finished()
+    self._in_flight = step
+
+  def _finished(self) -> None:
+    if self._in_flight is not None:
+      self._complete.insert(0, self._in_flight)
+    self._in_flight = None
+
+  def _check_writable(self, step: int) -> None:
+    """Writes and removes a small file, so a lost or read-only volume fails now.
+
+    An async save would otherwise fail in a background thread and surface a
+    whole save interval later.
+    """
+    probe = epath.Path(self.directory) / (
+        f'.write-probe-{jax.process_index()}-{os.getpid()}')
+    try:
+      probe.write_text('ok')
+      probe.unlink()
+    except OSError as e:
+      raise self._save_failed(step, e) from None
+
+  def _save_failed(self, step: int, error: Exception) -> UserError:
+    reason = getattr(error, 'strerror', None) or (
+        str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    good = [s for s in self._complete if s != step]
+    last = (f'The newest complete checkpoint, step {good[0]}, is untouched'
+            if good else 'No complete checkpoint exists yet')
+    return UserError(
+        f'Cannot write the checkpoint of step {step} to {self.directory}: '
+        f'{reason}. {last}. Make the directory writable (permissions, free '
+        'space, a mounted volume), then run the same command to resume.')
 
   def set_aside(self, step: int) -> str:
     """Renames an unreadable step's directory out of the way; never deletes it."""
@@ -94,12 +165,31 @@ class Checkpointer:
     return restored.state
 
   def wait(self) -> None:
-    """Blocks until every queued save is committed to disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every queued save is committed to disk.
+
+    Raises:
+      UserError: a queued save failed (see ``save``).
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(self._in_flight or 0, e) from None
+    self._finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Finishes saves in flight and releases Orbax; on failure logs, never raises.
+
+    The loop calls ``wait`` first, which reports a failed save; ``close``
+    also runs while another error is on its way out and must not hide it.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('A checkpoint save did not finish: %s', e)
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Closing the checkpoint manager failed: %s', e)
 
 
 def check_compatible(saved: dict, current: dict, directory: str) -> None:

@@ -193,9 +193,9 @@ def _summarise(r: dict) -> None:
     step_s = r['tokens_per_step'] / r['tokens_per_sec']
     held = sorted(r['save_block_seconds'])
     metrics.say(f'First step (compile + run) {r["first_step_seconds"]:.1f}s; '
-                f'{len(held)} checkpoint saves held the loop {1000 * held[len(held) // 2]:.0f} '
-                f'ms (median), {1000 * held[-1]:.0f} ms at most; a step takes '
-                f'{1000 * step_s:.0f} ms.')
+                f'{len(held)} async checkpoint saves held the loop {1000 * held[len(held) // 2]:.0f} '
+                f'ms (median), {1000 * held[-1]:.0f} ms at most, beyond finishing the step '
+                f'they save; a step takes {1000 * step_s:.0f} ms.')
   metrics.say(f'Run directory: {r["workdir"]} (checkpoints/, tb/, config.json). '
               f'TensorBoard: tensorboard --logdir {r["workdir"]}/tb')
 

@@ -236,3 +236,41 @@ def test_sigkill_during_async_saves_resumes_from_a_whole_checkpoint(tmp_path):
   assert resumed and 10 <= int(resumed.group(1)) <= 16, rerun.stdout[-2000:]
   for name in leftovers:  # Each unfinished save is named, then ignored.
     assert name in rerun.stderr, (name, rerun.stderr[-2000:])
+
+
+def test_checkpoint_directory_lost_mid_run_fails_at_once(tmp_path):
+  """The volume under checkpoints/ goes away (or turns read-only) mid-run."""
+  workdir, ckpts = tmp_path / 'run', tmp_path / 'run' / 'checkpoints'
+  proc = cli(workdir, tmp_path / 'cache', '--config.train.steps=5000',
+             '--config.checkpoint.every=5', popen=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith('step') and (ckpts / '5' / 'commit_success.txt').exists():
+      break
+  if os.geteuid() == 0:
+    # Root ignores permissions: the directory vanishes and a file takes its
+    # place, as when a mounted volume drops out.
+    moved = tmp_path / 'run' / 'checkpoints.lost'
+    ckpts.rename(moved)
+    ckpts.write_text('')
+  else:
+    moved = ckpts
+    ckpts.chmod(0o555)
+  out = ''.join(lines) + proc.stdout.read()
+  code = proc.wait(timeout=300)
+  if moved == ckpts:
+    ckpts.chmod(0o755)
+  assert code == 2, out[-3000:]
+  errors = [l for l in out.splitlines() if 'Cannot write the checkpoint' in l]
+  # One error line; no traceback through our code. (TensorStore's own threads
+  # may still print 'Event loop is closed' as the failed write unwinds.)
+  assert len(errors) == 1 and errors[0].startswith('error: '), out[-3000:]
+  assert 'llm_jax' not in ''.join(l for l in out.splitlines() if l.startswith('  File'))
+  saved = int(re.search(r'step (\d+), is untouched', errors[0]).group(1))
+  assert saved >= 5 and saved % 5 == 0
+  # The checkpoint the message names is whole and loads.
+  assert (moved / str(saved) / 'commit_success.txt').exists()
+  state = read_checkpoint(str(moved / str(saved)))
+  assert int(state['step']) == saved
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
