@@ -165,7 +165,7 @@ def test_tiny_encoder_beats_the_unigram_baseline_and_fills_masks(tmp_path, capsy
   result = train.run(config, str(tmp_path / 'run'))
   baseline = _unigram_baseline(config)
   assert result['val_history'][0] > result['val_loss'] + 2.0
-  # Measured: 0.45 against a baseline of about 0.06 after 300 steps.
+  # Measured: 0.45 against a baseline of 0.08 after 300 steps.
   assert result['val_accuracy'] > max(3 * baseline, 0.25), (result['val_accuracy'], baseline)
   # evaluate scores the same masked positions as the loop.
   run = workdir_lib.load(str(tmp_path / 'run'))
