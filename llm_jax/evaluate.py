@@ -140,13 +140,13 @@ def evaluate_split(run, *, split: str = 'val', source: str = '', paths: str = ''
 
   if split not in ('val', 'train'):
     raise UserError(f"--split={split!r}: use 'val' or 'train'.")
+  _require_tokenizer(run)
   config = ml_collections.ConfigDict(run.config.to_dict())
   if source:
     config.data.source, config.data.paths = source, paths
     config.data.max_documents = 0
-  if run.tokenizer is not None:
-    # The run's own tokenizer: never retrain, whatever the cache holds.
-    config.tokenizer.path = os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
+  # The run's own tokenizer: never retrain, whatever the cache holds.
+  config.tokenizer.path = os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
   data = shards.prepare(config, log=log)
   if data.tokenizer.sha256 != run.meta.get('tokenizer_sha256', data.tokenizer.sha256):
     raise UserError(f'The tokenizer in {run.workdir} is not the one its checkpoint '

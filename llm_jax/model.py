@@ -356,8 +356,9 @@ def causal_mask(T: int) -> jax.Array:
 
 def attention_mask(segment_ids_BT: jax.Array | None, causal: bool, *,
                    length: int | None = None) -> jax.Array:
-  """Which keys each query may attend to: ``[B, T, T]`` bool (``[1, T, T]``
-  without segment ids).
+  """Which keys each query may attend to, ``[B, T, T]`` bool.
+
+  Without segment ids the mask is ``[1, T, T]`` (the same for every row).
 
   Args:
     segment_ids_BT: int ids of packed sequences; a token attends only to

@@ -247,7 +247,7 @@ def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str,
   """(prompt, greedy continuation, sampled continuation) for each prompt."""
   prompts = [p for p in config.train.sample_prompts.split('|') if p]
   prompts = prompts[:config.train.num_samples]
-  if not prompts:
+  if not prompts or not trainer.model_cfg.causal:  # An encoder does not continue text.
     return []
   ids = [tokenizer.encode(p) for p in prompts]
   out = []
