@@ -216,6 +216,9 @@ def _summarise(r: dict) -> None:
       f'{verdict} half the unigram entropy ({half:.3f}). '
       f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
       f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
+  if 'val_accuracy' in r:  # An encoder: its loss is on masked tokens only.
+    metrics.say(f'Masked-token accuracy {r["val_accuracy"]:.4f} (python -m '
+                f'llm_jax.fill_mask --workdir={r["workdir"]} --text="... <mask> ...").')
   if r.get('save_block_seconds') and r.get('tokens_per_sec'):
     step_s = r['tokens_per_step'] / r['tokens_per_sec']
     held = sorted(r['save_block_seconds'])

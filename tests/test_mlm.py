@@ -190,3 +190,17 @@ def test_encoder_resume_is_identical(tmp_path):
   # Same masks at steps 11..20 as the uninterrupted run: same weights, same loss.
   assert resumed['val_loss'] == pytest.approx(whole['val_loss'], rel=1e-6)
   assert resumed['loss'] == pytest.approx(whole['loss'], rel=1e-6)
+
+
+def test_fill_mask_cli_help_and_bad_input(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root}
+  ok = subprocess.run([sys.executable, '-m', 'llm_jax.fill_mask', '--help'],
+                      capture_output=True, text=True, env=env, cwd=root, timeout=120)
+  assert ok.returncode == 0 and '--candidates' in ok.stdout
+  bad = subprocess.run([sys.executable, '-m', 'llm_jax.fill_mask', f'--workdir={tmp_path}',
+                        '--text=a <mask>'], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=120)
+  assert bad.returncode == 2 and 'no config.json' in bad.stderr
+  assert bad.stderr.strip().count('\n') == 0
