@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Model: a decoder-only Transformer (LLaMA-style by default).
   c.model = ml_collections.ConfigDict()
-  c.model.kind = 'decoder'  # Only 'decoder' for now.
+  # 'decoder' (causal next-token LM) or 'encoder' (bidirectional, masked LM
+  # with 15% masking and the 80/10/10 rule; see configs/mlm.py).
+  c.model.kind = 'decoder'
   c.model.num_layers = 4  # Transformer blocks.
   c.model.d_model = 128  # Width of the residual stream.
   c.model.num_heads = 4  # Query heads.
@@ -98,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10  # Steps between progress lines and TensorBoard.
   c.train.eval_every = 250  # Steps between validation passes (0: end only).
   c.train.eval_batches = 16  # Batches per validation pass.
+  # A JSONL of {"prompt","reference"} / {"prompt","answer"} lines scored at
+  # every eval (BLEU, ROUGE, exact match; see llm_jax/evaluate.py). '': none.
+  c.train.eval_tasks = ''
+  c.train.eval_task_tokens = 32  # New tokens generated per eval task.
   # A peak FLOP/s per device for MFU; 0 means a known table value for TPUs
   # and GPUs, and a matmul measured at start-up on CPU.
   c.train.peak_flops = 0.0

@@ -58,6 +58,9 @@ NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned')
 MLPS = ('swiglu', 'gelu')
 DTYPES = ('float32', 'bfloat16')
+# 'decoder': causal attention, next-token LM. 'encoder': bidirectional
+# attention, masked-LM (the same blocks and head; see llm_jax/masking.py).
+KINDS = ('decoder', 'encoder')
 # What a block keeps for the backward pass: everything ('none'), only its
 # input ('full': recompute the block), or its matmul outputs ('dots').
 REMAT_POLICIES = {
@@ -97,6 +100,7 @@ class ModelConfig:
   dtype: str
   init_std: float
   remat: str = 'none'
+  kind: str = 'decoder'
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -119,13 +123,18 @@ class ModelConfig:
     Raises:
       UserError: a value is out of range or unknown; the message names the key.
     """
-    if model_cfg.kind != 'decoder':
-      raise UserError(f'model.kind={model_cfg.kind!r} is not supported yet; '
-                      "use 'decoder'")
+    if model_cfg.kind not in KINDS:
+      raise UserError(f'model.kind={model_cfg.kind!r} is not one of '
+                      f'{", ".join(map(repr, KINDS))}; pick one of them')
     names = [f.name for f in dataclasses.fields(cls)]
     values = {n: model_cfg[n] for n in names if n not in ('vocab_size',
                                                          'max_len')}
     return cls(vocab_size=vocab_size, max_len=max_len, **values)
+
+  @property
+  def causal(self) -> bool:
+    """Whether a token attends only to earlier ones (decoders)."""
+    return self.kind == 'decoder'
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -177,7 +186,7 @@ def _validate(cfg: ModelConfig) -> None:
     if not isinstance(value, (int, float)) or not value > 0:
       raise UserError(f'model.{name}={value!r} must be a positive number')
   for name, valid in (('norm', NORMS), ('position', POSITIONS),
-                      ('mlp', MLPS), ('dtype', DTYPES),
+                      ('mlp', MLPS), ('dtype', DTYPES), ('kind', KINDS),
                       ('remat', tuple(REMAT_POLICIES))):
     value = getattr(cfg, name)
     if value not in valid:
@@ -345,6 +354,25 @@ def causal_mask(T: int) -> jax.Array:
   return jnp.tril(jnp.ones((T, T), jnp.bool_))[None]
 
 
+def attention_mask(segment_ids_BT: jax.Array | None, causal: bool, *,
+                   length: int | None = None) -> jax.Array:
+  """Which keys each query may attend to, ``[B, T, T]`` bool.
+
+  Without segment ids the mask is ``[1, T, T]`` (the same for every row).
+
+  Args:
+    segment_ids_BT: int ids of packed sequences; a token attends only to
+      tokens with the same id. None: one sequence per row.
+    causal: also require key position <= query position (decoders).
+    length: T, needed when ``segment_ids_BT`` is None.
+  """
+  T = length if segment_ids_BT is None else segment_ids_BT.shape[1]
+  mask_BTS = causal_mask(T) if causal else jnp.ones((1, T, T), jnp.bool_)
+  if segment_ids_BT is not None:
+    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  return mask_BTS
+
+
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
            mask_BTS: jax.Array) -> jax.Array:
   """Plain XLA attention with grouped-query heads; returns ``[B, T, N, H]``.
@@ -463,8 +491,13 @@ class Transformer(nnx.Module):
         out_dtype=jnp.float32)
 
   def __call__(self, tokens_BT: jax.Array,
-               positions_BT: jax.Array | None = None) -> jax.Array:
-    """Returns float32 next-token logits ``[B, T, V]`` under causal attention.
+               positions_BT: jax.Array | None = None, *,
+               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Returns float32 logits ``[B, T, V]``.
+
+    A decoder (``kind='decoder'``) attends causally and predicts the next
+    token; an encoder attends both ways and predicts the token at each
+    (masked) position.
 
     Args:
       tokens_BT: int token ids, ``T <= max_len``.
@@ -472,6 +505,7 @@ class Transformer(nnx.Module):
         table); defaults to ``0..T-1`` in every row. A decoder with left
         padding or packed sequences passes its own. Values must be below
         ``max_len`` for learned positions.
+      segment_ids_BT: packed sequences: tokens attend only within their id.
     """
     B, T = tokens_BT.shape
     if T > self.cfg.max_len:
@@ -484,7 +518,7 @@ class Transformer(nnx.Module):
       x_BTD = x_BTD + self.pos_embed(positions_BT)
     else:
       rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
-    mask_BTS = causal_mask(T)
+    mask_BTS = attention_mask(segment_ids_BT, self.cfg.causal, length=T)
     for block in self.blocks:
       if self.cfg.remat == 'none':
         x_BTD = block(x_BTD, rope, mask_BTS)

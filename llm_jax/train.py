@@ -132,9 +132,10 @@ def _resume_and_train(config, tr, ckpt, data, workdir):
   state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0))
   train_w, val_w = (pipeline.TokenWindows(paths, data.manifest['dtype'], config.data.seq_len)
                     for paths in (data.train_shards, data.val_shards))
-  eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in pipeline.eval_batches(
-      val_w, global_batch=config.train.batch_size, num_batches=config.train.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())]
+  eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in _mlm_eval(
+      config, data, pipeline.eval_batches(
+          val_w, global_batch=config.train.batch_size, num_batches=config.train.eval_batches,
+          process_index=jax.process_index(), process_count=jax.process_count()))]
   if config.train.stop_at and start >= config.train.stop_at < config.train.steps:
     metrics.say(f'Already at step {start}, at or past train.stop_at='
                 f'{config.train.stop_at}: nothing to do. Raise it, or set it to 0 to '
@@ -147,10 +148,28 @@ def _resume_and_train(config, tr, ckpt, data, workdir):
                 '--config.train.steps to train further.')
     return state, {'step': start, 'val_history': {}, 'loss_history': {},
                    **tr.evaluate(state.params, eval_batches)}
-  return _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn)
+  return _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn,
+                data=data)
 
 
-def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn):
+def _masker(config, data):
+  """The masked-LM masker of an encoder run; None for a decoder."""
+  if config.model.kind != 'encoder':
+    return None
+  import jax  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import masking  # pylint: disable=g-import-not-at-top
+  return masking.Masker.from_tokenizer(
+      data.tokenizer, seed=config.seed, global_batch=config.train.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _mlm_eval(config, data, batches: list[dict]) -> list[dict]:
+  masker = _masker(config, data)
+  return batches if masker is None else masker.eval_batches(batches)
+
+
+def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_fn,
+           data=None):
   """Runs the loop with its outputs wired up; returns (final state, metrics)."""
   import jax  # pylint: disable=g-import-not-at-top
   from llm_jax import metrics, trainer  # pylint: disable=g-import-not-at-top
@@ -170,6 +189,14 @@ def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_
   batches = pipeline.train_batches(
       train_w, global_batch=batch, seed=config.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if data is not None:
+    io.val_bytes_per_token = data.manifest['splits']['val']['bytes_per_token']
+    masker = _masker(config, data)
+    if masker is not None:  # Encoder: masked per step from (seed, step).
+      batches = masker.train_batches(batches, start)
+    if config.train.eval_tasks:
+      from llm_jax import evaluate  # pylint: disable=g-import-not-at-top
+      io.extra_eval = evaluate.loop_task_eval(config, tr, data.tokenizer)
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({train_w.num_windows:,} windows per epoch).')
   state, result = trainer.run_loop(tr, ckpt, state, start, batches, eval_batches,
@@ -189,6 +216,9 @@ def _summarise(r: dict) -> None:
       f'{verdict} half the unigram entropy ({half:.3f}). '
       f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
       f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
+  if 'val_accuracy' in r:  # An encoder: its loss is on masked tokens only.
+    metrics.say(f'Masked-token accuracy {r["val_accuracy"]:.4f} (python -m '
+                f'llm_jax.fill_mask --workdir={r["workdir"]} --text="... <mask> ...").')
   if r.get('save_block_seconds') and r.get('tokens_per_sec'):
     step_s = r['tokens_per_step'] / r['tokens_per_sec']
     held = sorted(r['save_block_seconds'])

@@ -34,17 +34,27 @@ class TrainState:
   rng: jax.Array  # PRNG key data, for anything stochastic in training.
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array):
-  """Summed token cross-entropy (float32) and the number of tokens."""
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                  weights_BT: jax.Array | None = None):
+  """Summed token cross-entropy (float32) and the total weight.
+
+  Without ``weights_BT`` every token weighs 1 (the total is the token count);
+  the masked-LM objective passes 1 at selected positions, 0 elsewhere.
+  """
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BTV.astype(jnp.float32), targets_BT)
-  return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+  if weights_BT is None:
+    return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+  weights_BT = weights_BT.astype(jnp.float32)
+  return (weights_BT * losses_BT).sum(), weights_BT.sum()
 
 
 def _loss_fn(params, batch, graphdef):
   logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
-  loss_sum, count = cross_entropy(logits_BTV, batch['targets'])
-  return loss_sum / count, loss_sum
+  loss_sum, count = cross_entropy(logits_BTV, batch['targets'],
+                                  batch.get('weights'))
+  # max(count, 1): a batch with no selected token has loss 0, not NaN.
+  return loss_sum / jnp.maximum(count, 1.0), loss_sum
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
@@ -68,6 +78,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
     # Equal-sized micro-batches: the mean of their means is the batch mean.
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = losses.mean()
+  # With weights (masked LM) micro-batches hold about, not exactly, the same
+  # weight, so the mean of their means is the batch mean only to that extent.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -84,10 +96,14 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
 
 
 def eval_step(params, batch: dict, *, graphdef) -> dict:
-  """Summed validation loss and token count of one batch."""
-  _, loss_sum = _loss_fn(params, batch, graphdef)
-  return {'loss_sum': loss_sum,
-          'count': jnp.asarray(batch['targets'].size, jnp.float32)}
+  """Summed validation loss, weight (token count) and correct argmaxes."""
+  logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
+  loss_sum, count = cross_entropy(logits_BTV, batch['targets'],
+                                  batch.get('weights'))
+  hits_BT = (jnp.argmax(logits_BTV, axis=-1) == batch['targets']).astype(jnp.float32)
+  if 'weights' in batch:
+    hits_BT = hits_BT * batch['weights']
+  return {'loss_sum': loss_sum, 'count': count, 'correct': hits_BT.sum()}
 
 
 @dataclasses.dataclass
@@ -158,7 +174,11 @@ class Trainer:
     loss_sum = sum(float(t['loss_sum']) for t in totals)
     count = sum(float(t['count']) for t in totals)
     loss = loss_sum / count
-    return {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50)))}
+    out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50)))}
+    if not self.model_cfg.causal:
+      # The encoder's metric: how often the masked token is the argmax.
+      out['val_accuracy'] = sum(float(t['correct']) for t in totals) / count
+    return out
 
 
 def _check_train_config(config, mesh) -> None:
@@ -227,7 +247,7 @@ def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str,
   """(prompt, greedy continuation, sampled continuation) for each prompt."""
   prompts = [p for p in config.train.sample_prompts.split('|') if p]
   prompts = prompts[:config.train.num_samples]
-  if not prompts:
+  if not prompts or not trainer.model_cfg.causal:  # An encoder does not continue text.
     return []
   ids = [tokenizer.encode(p) for p in prompts]
   out = []
@@ -322,6 +342,10 @@ class LoopIO:
   max_nan_skips: int = 3
   nan_skipped: int = 0
   nan_streak: int = 0
+  # UTF-8 bytes per validation token: with it, evals add bits per byte.
+  val_bytes_per_token: float = 0.0
+  # More eval metrics, e.g. task scores: (params, step) -> {name: number}.
+  extra_eval: Any = None
 
   def _non_finite(self, step: int, m: dict) -> None:
     """Applies train.nan_policy to a step whose update was not applied."""
@@ -343,10 +367,17 @@ class LoopIO:
 
   def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
     evals = trainer.evaluate(params, batches)
+    if self.val_bytes_per_token and trainer.model_cfg.causal:
+      # Nats per token over bytes per token, in bits: vocabulary-independent.
+      evals['val_bpb'] = evals['val_loss'] / self.val_bytes_per_token / np.log(2)
+    if self.extra_eval is not None:
+      evals.update(self.extra_eval(params, step))
     self.val_history[step] = evals['val_loss']
     self.tb.scalars(step, evals)
+    more = ''.join(f' | {k.removeprefix("val_")} {v:.4f}' for k, v in evals.items()
+                   if k not in ('val_loss', 'val_ppl') and isinstance(v, (int, float)))
     metrics.say(f'eval @ step {step} | val loss {evals["val_loss"]:.4f} | '
-                f'val ppl {evals["val_ppl"]:.2f}')
+                f'val ppl {evals["val_ppl"]:.2f}{more}')
     self.thr.restart()
     return evals
 

@@ -268,7 +268,7 @@ def test_from_config_reads_base():
 
 
 @pytest.mark.parametrize('key, value, needle', [
-    ('kind', 'encoder', "model.kind='encoder'"),
+    ('kind', 'seq2seq', "model.kind='seq2seq'"),
     ('num_kv_heads', 3, 'model.num_kv_heads=3'),
     ('d_model', 0, 'model.d_model=0'),
     ('num_layers', -1, 'model.num_layers=-1'),

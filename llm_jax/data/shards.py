@@ -176,13 +176,21 @@ def _sha256_json(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _tokenizer_settings(tok_cfg) -> dict:
+def _tokenizer_settings(tok_cfg, extra_symbols: tuple[str, ...] = ()) -> dict:
   """Everything that decides what training produces, for the cache key."""
-  return dict(vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type,
-              character_coverage=tok_cfg.character_coverage,
-              input_sentence_size=tok_cfg.input_sentence_size,
-              trainer_options=tokenizer_lib.TRAINER_OPTIONS,
-              sentencepiece_version=spm.__version__)
+  settings = dict(vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type,
+                  character_coverage=tok_cfg.character_coverage,
+                  input_sentence_size=tok_cfg.input_sentence_size,
+                  trainer_options=tokenizer_lib.TRAINER_OPTIONS,
+                  sentencepiece_version=spm.__version__)
+  if extra_symbols:  # Only when present, so decoder cache keys stay as they were.
+    settings['extra_symbols'] = list(extra_symbols)
+  return settings
+
+
+def _extra_symbols(config) -> tuple[str, ...]:
+  """Pieces the model kind needs: ``<mask>`` for an encoder."""
+  return (tokenizer_lib.MASK_PIECE,) if config.model.kind == 'encoder' else ()
 
 
 def _get_tokenizer(config, train_docs: list[str], root: str,
@@ -194,7 +202,8 @@ def _get_tokenizer(config, train_docs: list[str], root: str,
     log(f'Using tokenizer {tok.path} ({tok.vocab_size} pieces)')
     return tok
   key = _sha256_json(dict(train_content_sha256=content_hash(train_docs),
-                          **_tokenizer_settings(config.tokenizer)))
+                          **_tokenizer_settings(config.tokenizer,
+                                                _extra_symbols(config))))
   prefix = os.path.join(root, 'tokenizers', key[:16], 'tokenizer')
   if os.path.exists(prefix + '.model'):
     try:
@@ -205,7 +214,8 @@ def _get_tokenizer(config, train_docs: list[str], root: str,
       log(f'Warning: retraining the tokenizer: {e}')
   start = time.perf_counter()
   path = tokenizer_lib.train_tokenizer(train_docs, prefix, config.tokenizer,
-                                       config.data.num_threads)
+                                       config.data.num_threads,
+                                       extra_symbols=_extra_symbols(config))
   tok = tokenizer_lib.Tokenizer.load(path)
   log(f'Trained a {config.tokenizer.model_type} tokenizer with '
       f'{tok.vocab_size} pieces on {len(train_docs)} documents in '
@@ -220,7 +230,7 @@ def _tokenizer_info(config, tok: tokenizer_lib.Tokenizer) -> dict:
               unk_id=tok.unk_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
               trained=not config.tokenizer.path)
   if not config.tokenizer.path:
-    info['settings'] = _tokenizer_settings(config.tokenizer)
+    info['settings'] = _tokenizer_settings(config.tokenizer, _extra_symbols(config))
   return info
 
 

@@ -11,7 +11,8 @@ text, including code. Three settings make that so:
   sentence iterator is split at newlines), so without it a newline would
   never be learned and could only be encoded through byte fallback.
 
-Ids: pad 0, unk 1, bos 2, eos 3.
+Ids: pad 0, unk 1, bos 2, eos 3. A tokenizer for an encoder (masked LM) also
+has a ``<mask>`` piece (``MASK_PIECE``), right after ``\\n``.
 """
 
 import hashlib
@@ -27,6 +28,7 @@ from llm_jax.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ('bpe', 'unigram')
+MASK_PIECE = '<mask>'  # The masked-LM placeholder (encoders only).
 # SentencePiece samples input_sentence_size lines with its own generator;
 # a fixed seed makes the tokenizer a function of the documents alone.
 _SPM_RANDOM_SEED = 20240101
@@ -60,7 +62,7 @@ def training_lines(docs: Iterable[str]) -> Iterator[str]:
 
 
 def train_tokenizer(docs: list[str], model_path_prefix: str, tok_cfg,
-                    num_threads: int) -> str:
+                    num_threads: int, *, extra_symbols: Sequence[str] = ()) -> str:
   """Trains a SentencePiece model on ``docs`` and writes ``<prefix>.model``.
 
   The file appears atomically (written under a temporary name, then
@@ -72,6 +74,8 @@ def train_tokenizer(docs: list[str], model_path_prefix: str, tok_cfg,
     tok_cfg: ``config.tokenizer`` (vocab_size, model_type,
       character_coverage, input_sentence_size).
     num_threads: Trainer threads.
+    extra_symbols: more user-defined pieces after ``\\n``, e.g.
+      ``(MASK_PIECE,)`` for an encoder; each is one token wherever it appears.
 
   Returns:
     The path of the written ``.model`` file.
@@ -90,7 +94,8 @@ def train_tokenizer(docs: list[str], model_path_prefix: str, tok_cfg,
         model_type=tok_cfg.model_type, vocab_size=tok_cfg.vocab_size,
         character_coverage=tok_cfg.character_coverage,
         input_sentence_size=tok_cfg.input_sentence_size,
-        num_threads=max(1, num_threads), minloglevel=2, **TRAINER_OPTIONS)
+        num_threads=max(1, num_threads), minloglevel=2,
+        **_with_symbols(TRAINER_OPTIONS, extra_symbols))
   except RuntimeError as e:
     message = ' '.join(str(e).split())
     raise UserError(f'SentencePiece could not train a tokenizer with '
@@ -103,6 +108,13 @@ def train_tokenizer(docs: list[str], model_path_prefix: str, tok_cfg,
     f.write(_without_run_settings(model.getvalue()))
   os.replace(tmp_path, path)
   return path
+
+
+def _with_symbols(options: dict, extra_symbols: Sequence[str]) -> dict:
+  if not extra_symbols:
+    return options
+  return dict(options, user_defined_symbols=[
+      *options['user_defined_symbols'], *extra_symbols])
 
 
 def _without_run_settings(model_bytes: bytes) -> bytes:
@@ -191,6 +203,12 @@ class Tokenizer:
   @property
   def eos_id(self) -> int:
     return self._sp.eos_id()
+
+  @property
+  def mask_id(self) -> int:
+    """The id of the ``<mask>`` piece, or -1 if this tokenizer has none."""
+    token_id = self._sp.piece_to_id(MASK_PIECE)
+    return token_id if self._sp.id_to_piece(token_id) == MASK_PIECE else -1
 
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
