@@ -127,7 +127,10 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
   for key, what in (('data_sha256', 'training data (content hash)'),
                     ('vocab_size', 'vocabulary size'),
                     ('tokenizer_sha256', 'tokenizer')):
-    if saved[key] != current[key]:
+    # None: the checkpoint was imported (llm_jax.convert), so it was trained
+    # on no data of ours (and maybe with no SentencePiece tokenizer): any
+    # data may continue it; the vocabulary size still has to fit.
+    if saved.get(key) is not None and saved[key] != current[key]:
       raise UserError(
           f'The checkpoint in {directory} was trained with another {what} '
           f'({str(saved[key])[:16]} then, {str(current[key])[:16]} now). Use the '
