@@ -86,6 +86,9 @@ def run(config, workdir: str | None = None) -> dict:
   from llm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from llm_jax.data import shards  # pylint: disable=g-import-not-at-top
 
+  if config.init_from:
+    from llm_jax import finetune  # pylint: disable=g-import-not-at-top
+    finetune.use_source_tokenizer(config)  # Before config.json records it.
   _write_config(config, workdir)
   if config.train.compile_cache:
     # Compiled steps persist across restarts: a resumed run starts sooner.
@@ -129,7 +132,8 @@ def _resume_and_train(config, tr, ckpt, data, workdir):
   from llm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   meta_fn = lambda step: trainer.checkpoint_meta(config, data, step)
-  state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0))
+  state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0),
+                                         init_from=config.init_from)
   train_w, val_w = (pipeline.TokenWindows(paths, data.manifest['dtype'], config.data.seq_len)
                     for paths in (data.train_shards, data.val_shards))
   eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in pipeline.eval_batches(

@@ -266,8 +266,12 @@ def _agree_to_stop(local_request: bool, step: int, every: int) -> bool:
 
 
 def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
-                    meta: dict) -> tuple[TrainState, int]:
+                    meta: dict, *, init_from: str = '') -> tuple[TrainState, int]:
   """Resumes from the newest checkpoint that loads, else initialises.
+
+  A fresh run with ``init_from`` (``config.init_from``) takes its parameters
+  from there (``finetune.init_state``); a run with checkpoints of its own
+  always resumes from those.
 
   A torn checkpoint (a file cut short, the commit marker gone) is named in a
   warning and the next older one is tried; once one loads, the torn ones are
@@ -302,6 +306,9 @@ def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
         f'No checkpoint in {ckpt.directory} could be read (steps '
         f'{", ".join(map(str, steps))}; see the warnings above). Move that '
         'directory away to start over, or restore it from a backup.')
+  if init_from:
+    from llm_jax import finetune  # pylint: disable=g-import-not-at-top
+    return finetune.init_state(trainer, init_from), 0
   return trainer.init_fn(), 0
 
 
