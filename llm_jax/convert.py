@@ -14,7 +14,11 @@ Commands:
                 writes ``config.json`` + ``model.safetensors`` (and the
                 tokenizer) that ``transformers`` loads with ``from_pretrained``.
   extend_vocab  --workdir=RUN --text=GLOB --num_pieces=N --out=OUT
-                see ``llm_jax/finetune.py``.
+                learns up to N SentencePiece pieces from the text files (or
+                JSONL 'text' fields), appends those the tokenizer lacks (old
+                ids unchanged) and writes OUT: the model with grown embedding
+                and output rows (new rows at the mean of the old ones) and the
+                merged tokenizer.model. Continue it with init_from.
 
 Only safetensors are read or written (never pickle). A tensor the mapping does
 not expect, one it expects but cannot find, or one of the wrong shape stops
@@ -618,7 +622,7 @@ def _parse(argv: list[str]) -> tuple[str, dict[str, str]]:
 _COMMANDS = {
     'import': (('hf_dir', 'workdir'), ('seq_len',)),
     'export': (('workdir', 'out'), ('format', 'step')),
-    'extend_vocab': (('workdir', 'text', 'num_pieces', 'out'), ('model_type',)),
+    'extend_vocab': (('workdir', 'text', 'num_pieces', 'out'), ()),
 }
 
 
@@ -647,8 +651,7 @@ def main(argv: list[str]) -> int:
     else:
       from llm_jax import finetune  # pylint: disable=g-import-not-at-top
       out = finetune.extend_vocab_workdir(
-          flags['workdir'], flags['text'], _int('num_pieces'), flags['out'],
-          model_type=flags.get('model_type', 'bpe'))
+          flags['workdir'], flags['text'], _int('num_pieces'), flags['out'])
       print(f'Extended vocabulary written to {out}.')
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

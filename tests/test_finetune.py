@@ -92,3 +92,55 @@ def test_init_from_with_another_shape_names_the_parameter(tmp_path, tiny_config)
   config.init_from = str(tmp_path / 'missing')
   with pytest.raises(UserError, match='not a run directory'):
     train.run(config, str(tmp_path / 'bad2'))
+
+
+CHINESE = (
+    '今天天气很好，我们一起去公园散步。公园里有很多人在跑步、打太极拳和放风筝。'
+    '春天来了，花园里的桃花和樱花都开了，空气中弥漫着淡淡的花香。'
+    '他每天早上七点起床，先喝一杯热茶，然后坐地铁去公司上班。'
+    '这家餐厅的饺子和面条非常好吃，价格也很便宜，所以周末总是排着长队。'
+    '学习一门新的语言需要耐心和时间，多听多说多读多写才能进步。'
+    '图书馆里很安静，学生们在认真地看书、写作业和准备考试。'
+    '我的朋友住在北京，他喜欢历史，经常去故宫和长城参观。'
+    '科学家们正在研究如何利用太阳能和风能来减少空气污染。'
+    '小猫在窗台上睡觉，阳光照在它的身上，看起来非常舒服。'
+    '晚上我们一家人坐在一起吃饭，聊天，分享今天发生的有趣的事情。'
+    '这座城市的交通越来越方便，新的地铁线路下个月就要开通了。'
+    '医生建议大家多喝水，少吃油炸食品，每天坚持运动半个小时。')
+
+
+def test_extend_vocab_keeps_old_ids_and_logits(tmp_path, tiny_config):
+  imported = import_tiny_llama(tmp_path, tiny_config())
+  (tmp_path / 'zh').mkdir()
+  for i in range(8):  # The same sentences in several orders: a small corpus.
+    sentences = CHINESE.split('。')
+    random.Random(i).shuffle(sentences)
+    (tmp_path / 'zh' / f'{i}.txt').write_text('。\n'.join(sentences), encoding='utf-8')
+  out = str(tmp_path / 'extended')
+  assert convert.main(['convert', 'extend_vocab', f'--workdir={imported}',
+                       f'--text={tmp_path}/zh/*.txt', '--num_pieces=300',
+                       f'--out={out}']) == 0
+  base, ext = workdir_lib.load(imported), workdir_lib.load(out)
+  old_v, new_v = base.tokenizer.vocab_size, ext.tokenizer.vocab_size
+  assert old_v < new_v <= old_v + 300 and ext.model_cfg.vocab_size == new_v
+  # Every old id is the same piece and decodes to the same text.
+  for i in range(old_v):
+    assert ext.tokenizer.id_to_piece(i) == base.tokenizer.id_to_piece(i)
+    assert ext.tokenizer.decode([i]) == base.tokenizer.decode([i])
+  code = open(shards.sources.__file__).read()[:3000]
+  old_ids = base.tokenizer.encode(code)
+  assert ext.tokenizer.decode(old_ids) == code == base.tokenizer.decode(old_ids)
+  # Chinese now takes far fewer tokens, and still round-trips.
+  before, after = base.tokenizer.encode(CHINESE), ext.tokenizer.encode(CHINESE)
+  assert ext.tokenizer.decode(after) == CHINESE
+  print(f"Chinese: {len(CHINESE)} chars, {len(before)} tokens before, {len(after)} after")
+  assert len(after) < len(before) / 2, (len(before), len(after))
+  # On old ids, the logits over the old vocabulary are the base model's.
+  tokens = np.asarray([old_ids[:64], old_ids[64:128]], np.int32)
+  base_logits = np.asarray(base.model()(tokens))
+  ext_logits = np.asarray(ext.model()(tokens))
+  assert ext_logits.shape[-1] == new_v
+  np.testing.assert_allclose(ext_logits[..., :old_v], base_logits, rtol=0, atol=1e-6)
+  # New rows start at the mean of the old ones.
+  table = np.asarray(ext.params['embed']['table'])
+  np.testing.assert_allclose(table[-1], table[:old_v].mean(0), atol=1e-6)
