@@ -34,17 +34,29 @@ class TrainState:
   rng: jax.Array  # PRNG key data, for anything stochastic in training.
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array):
-  """Summed token cross-entropy (float32) and the number of tokens."""
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                  weights_BT: jax.Array | None = None):
+  """Weighted summed token cross-entropy (float32) and the total weight.
+
+  ``weights_BT`` (float32, one per target; None means all ones) lets SFT
+  count only response tokens and drop padding; the loss is their ratio.
+  """
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BTV.astype(jnp.float32), targets_BT)
-  return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+  if weights_BT is None:
+    return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+  weights_BT = weights_BT.astype(jnp.float32)
+  return (losses_BT * weights_BT).sum(), weights_BT.sum()
 
 
 def _loss_fn(params, batch, graphdef):
-  logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
-  loss_sum, count = cross_entropy(logits_BTV, batch['targets'])
-  return loss_sum / count, loss_sum
+  # Packed batches (SFT) carry per-example positions and segment ids.
+  logits_BTV = nnx.merge(graphdef, params)(
+      batch['inputs'], batch.get('positions'),
+      segment_ids_BT=batch.get('segment_ids'))
+  loss_sum, count = cross_entropy(logits_BTV, batch['targets'], batch.get('weights'))
+  # A micro-batch of only prompt tokens has loss 0 (its sum), not NaN.
+  return loss_sum / jnp.where(count > 0, count, 1.0), loss_sum
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
@@ -86,8 +98,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
 def eval_step(params, batch: dict, *, graphdef) -> dict:
   """Summed validation loss and token count of one batch."""
   _, loss_sum = _loss_fn(params, batch, graphdef)
-  return {'loss_sum': loss_sum,
-          'count': jnp.asarray(batch['targets'].size, jnp.float32)}
+  count = (batch['weights'].astype(jnp.float32).sum() if 'weights' in batch else
+           jnp.asarray(batch['targets'].size, jnp.float32))
+  return {'loss_sum': loss_sum, 'count': count}
 
 
 @dataclasses.dataclass
