@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from llm_jax import checkpoint as ckpt_lib
-from llm_jax import decode, metrics, optim, sharding
+from llm_jax import decode, lora, metrics, optim, sharding
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 
@@ -125,10 +125,12 @@ class Trainer:
     _check_train_config(config, mesh)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     tx = optim.make_optimizer(config.optim, config.train.steps)
+    if lora.enabled(config):  # Only the adapters are trained (and have state).
+      tx = lora.optimizer(tx)
     rules = config.mesh.rules
 
     def init_fn():
-      model = Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
+      model = _make_model(config, model_cfg, config.seed)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=tx.init(params),
@@ -138,7 +140,7 @@ class Trainer:
     # axes, then init directly into those shardings: no device ever holds a
     # full copy of a sharded parameter.
     graphdef, abstract_params = nnx.split(
-        nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+        nnx.eval_shape(lambda: _make_model(config, model_cfg, 0)))
     names = sharding.param_names(abstract_params)
     sharding.check_divisible(nnx.to_pure_dict(abstract_params), names, mesh, rules)
     p_shard = sharding.tree_shardings(names, mesh, rules)
@@ -146,7 +148,9 @@ class Trainer:
     rep = sharding.replicated(mesh)
     state_shardings = TrainState(
         step=rep, params=p_shard, rng=rep,
-        opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh))
+        opt_state=(lora.opt_state_shardings(abstract.opt_state, p_shard, mesh)
+                   if lora.enabled(config) else
+                   sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh)))
     batch_shard = sharding.batch_sharding(mesh, rules)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              accum_steps=config.optim.grad_accum_steps)
@@ -172,6 +176,12 @@ class Trainer:
     count = sum(float(t['count']) for t in totals)
     loss = loss_sum / count
     return {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50)))}
+
+
+def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
+  """The Transformer, with LoRA adapters where ``config.lora`` asks for them."""
+  model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
+  return lora.apply(model, config.lora, seed) if lora.enabled(config) else model
 
 
 def _check_train_config(config, mesh) -> None:

@@ -1,0 +1,93 @@
+"""LoRA: optimizer state size, merged == unmerged, only adapters train."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llm_jax import configuration, convert, lora, sharding, trainer
+from llm_jax.errors import UserError
+
+
+def _one_device_mesh():
+  return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                           sharding.MESH_AXES)
+
+
+def _bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_optimizer_state_at_rank_8_is_under_5_percent_of_full():
+  config = configuration.base_config()
+  full = trainer.Trainer.build(config, config.tokenizer.vocab_size, _one_device_mesh())
+  full_bytes = _bytes(jax.eval_shape(full.init_fn).opt_state)
+  config.lora.rank = 8
+  tr = trainer.Trainer.build(config, config.tokenizer.vocab_size, _one_device_mesh())
+  state = tr.init_fn()  # Real arrays: the bytes the run would hold.
+  lora_bytes = _bytes(state.opt_state)
+  print(f'opt_state: full {full_bytes:,} B, LoRA r=8 {lora_bytes:,} B '
+        f'({100 * lora_bytes / full_bytes:.2f}%)')
+  assert lora_bytes < 0.05 * full_bytes
+  # Every array in the state is an adapter moment (or a scalar counter).
+  adapters = {k: v for k, v in convert.flatten_params(state.params).items() if '/lora_' in k}
+  assert 2 * _bytes(adapters) <= lora_bytes <= 2 * _bytes(adapters) + 64
+
+
+def _lora_model(rank=4, targets='attn/q,attn/v,mlp/down,lm_head'):
+  c = configuration.load_preset('tiny')
+  c.lora.rank, c.lora.alpha, c.lora.targets = rank, 8.0, targets
+  from llm_jax.model import ModelConfig, Transformer
+  cfg = ModelConfig.from_config(c.model, vocab_size=60, max_len=32)
+  model = lora.apply(Transformer(cfg, rngs=nnx.Rngs(0)), c.lora, seed=0)
+  return c, cfg, model
+
+
+def test_merged_logits_equal_unmerged_adapter_logits():
+  c, cfg, model = _lora_model()
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  # B starts at zero; give it values so the adapters do something.
+  key = iter(jax.random.split(jax.random.key(1), 100))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: (0.05 * jax.random.normal(next(key), v.shape)
+                    if jax.tree_util.keystr(p).endswith("['lora_b']") else v), params)
+  tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 60)
+  from llm_jax.model import Transformer
+  plain_graphdef = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[0]
+  forward = jax.jit(lambda g, p, t: nnx.merge(g, p)(t), static_argnums=0)
+  unmerged = forward(graphdef, params, tokens)
+  merged = forward(plain_graphdef, lora.merge(params, c.lora), tokens)
+  without = forward(plain_graphdef, _drop_adapters(params), tokens)
+  assert float(jnp.abs(unmerged - without).max()) > 1e-3  # The adapters matter.
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), rtol=0, atol=1e-5)
+
+
+def _drop_adapters(tree):
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _drop_adapters(v) for k, v in tree.items() if k not in lora.ADAPTER_KEYS}
+
+
+def test_training_with_lora_changes_only_adapters(tiny_config):
+  config = tiny_config(lora__rank=4, lora__targets='attn/q,attn/k,attn/v,attn/o,mlp/*')
+  tr = trainer.Trainer.build(config, 128, sharding.make_mesh(config.mesh))
+  state = tr.init_fn()
+  before = jax.tree.map(np.asarray, convert.flatten_params(state.params))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 128, (8, 65)).astype(np.int32)
+  batch = sharding.global_batch({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]},
+                                tr.batch_sharding)
+  for _ in range(3):
+    state, m = tr.step_fn(state, batch)
+  assert np.isfinite(float(m['loss']))
+  after = convert.flatten_params(state.params)
+  changed = sorted(k for k in before if not np.array_equal(before[k], np.asarray(after[k])))
+  assert changed and all('/lora_' in k for k in changed), changed
+  assert any(k.endswith('mlp/gate/lora_b') for k in changed)
+
+
+def test_targets_that_match_nothing_are_refused():
+  with pytest.raises(UserError, match="lora.targets='nope' matches no dense layer"):
+    _lora_model(targets='nope')
