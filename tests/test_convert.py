@@ -72,6 +72,7 @@ def test_import_matches_transformers_logits_and_round_trips(tmp_path, make):
   run = workdir_lib.load(run_dir)
   assert run.step == 0 and run.meta['data_sha256'] is None
   diff = np.abs(_our_logits(run, TOKENS) - _hf_logits(model, TOKENS)).max()
+  print(f'max |logit diff| vs transformers: {diff:.2e}')
   assert diff <= 1e-4, diff
 
   # llm_jax -> HF: transformers loads it and gives the same logits.

@@ -91,3 +91,17 @@ def test_training_with_lora_changes_only_adapters(tiny_config):
 def test_targets_that_match_nothing_are_refused():
   with pytest.raises(UserError, match="lora.targets='nope' matches no dense layer"):
     _lora_model(targets='nope')
+
+
+@pytest.mark.slow
+def test_lora_run_exports_merged_and_reimports(tmp_path, tiny_config):
+  from llm_jax import train, workdir as workdir_lib
+  config = tiny_config(train__steps=4, lora__rank=4, optim__learning_rate=0.05)
+  train.run(config, str(tmp_path / 'run'))
+  run = workdir_lib.load(str(tmp_path / 'run'))
+  assert any('/lora_' in k for k in convert.flatten_params(run.params))
+  out = convert.export_hf(str(tmp_path / 'run'), str(tmp_path / 'hf'))
+  back = workdir_lib.load(convert.import_hf(out, str(tmp_path / 'back')))
+  tokens = np.arange(2 * 64).reshape(2, 64).astype(np.int32) % 1000
+  np.testing.assert_allclose(np.asarray(back.model()(tokens)),
+                             np.asarray(run.model()(tokens)), rtol=0, atol=1e-5)
