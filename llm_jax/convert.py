@@ -37,6 +37,7 @@ import glob
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import types
@@ -89,8 +90,11 @@ def hf_family(hf: dict) -> str:
 
 
 def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """Every tensor of the checkpoint, float32, by name (shards included)."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  """Every tensor of the checkpoint by name (shards included), memory-mapped.
+
+  Values keep their stored dtype (bfloat16 through ml_dtypes, which
+  ``safetensors.numpy`` cannot read); the mapping casts to float32.
+  """
   index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
   if os.path.exists(index_path):
     with open(index_path) as f:
@@ -100,7 +104,8 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
     files = sorted(os.path.basename(p) for p in
                    glob.glob(os.path.join(hf_dir, '*.safetensors')))
   if not files:
-    pickles = [p for p in os.listdir(hf_dir) if p.endswith(('.bin', '.pt', '.pth'))]
+    pickles = ([p for p in os.listdir(hf_dir) if p.endswith(('.bin', '.pt', '.pth'))]
+               if os.path.isdir(hf_dir) else [])
     hint = (f' It has {", ".join(pickles)}: pickle files are never loaded; '
             'convert them with transformers (save_pretrained(..., '
             'safe_serialization=True)) first.') if pickles else ''
@@ -111,9 +116,33 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
       raise UserError(f'{SAFETENSORS_INDEX} names the shard {name}, which is '
                       f'missing from {hf_dir}.')
-    for key, value in load_file(path).items():
-      tensors[key] = value.astype(np.float32)
+    tensors.update(_map_safetensors(path))
   return tensors
+
+
+def _map_safetensors(path: str) -> dict[str, np.ndarray]:
+  """The tensors of one .safetensors file as read-only memory maps."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  dtypes = {'F32': np.float32, 'F16': np.float16, 'F64': np.float64,
+            'BF16': ml_dtypes.bfloat16}
+  try:
+    with open(path, 'rb') as f:
+      (size,) = struct.unpack('<Q', f.read(8))
+      header = json.loads(f.read(size))
+    data = np.memmap(path, np.uint8, 'r', offset=8 + size)
+  except (OSError, ValueError, struct.error) as e:
+    raise UserError(f'{path} is not a readable safetensors file ({e}).') from None
+  out = {}
+  for key, info in header.items():
+    if key == '__metadata__':
+      continue
+    if info['dtype'] not in dtypes:
+      raise UserError(f'Tensor {key!r} in {path} is {info["dtype"]}; only float '
+                      f'tensors ({", ".join(dtypes)}) can be imported (dequantize '
+                      'the checkpoint first).')
+    start, end = info['data_offsets']
+    out[key] = data[start:end].view(dtypes[info['dtype']]).reshape(info['shape'])
+  return out
 
 
 # ---- HF config <-> our config.model.
@@ -272,7 +301,7 @@ class _Source:
       raise UserError(f'Tensor {key!r} has shape {list(value.shape)}, but '
                       f'config.json implies {list(shape)}.')
     self.used.add(key)
-    return value
+    return np.asarray(value, np.float32)
 
   def check_all_used(self) -> None:
     extra = sorted(k for k in self.tensors if k not in self.used

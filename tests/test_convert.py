@@ -40,6 +40,14 @@ def _qwen2():
   return transformers.Qwen2ForCausalLM(cfg)
 
 
+def _mistral():
+  cfg = transformers.MistralConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+      max_position_embeddings=64, sliding_window=16, bos_token_id=1, eos_token_id=2)
+  return transformers.MistralForCausalLM(cfg)
+
+
 def _save(model, path) -> str:
   torch.manual_seed(0)
   with torch.no_grad():
@@ -59,10 +67,10 @@ def _our_logits(run, tokens):
   return np.asarray(run.model()(np.asarray(tokens)))
 
 
-@pytest.mark.parametrize('make', [_gpt2, _llama, _qwen2,
+@pytest.mark.parametrize('make', [_gpt2, _llama, _qwen2, _mistral,
                                   lambda: _llama(rope_scaling={'rope_type': 'linear',
                                                                'factor': 2.0})],
-                         ids=['gpt2', 'llama_gqa_untied', 'qwen2_tied_bias',
+                         ids=['gpt2', 'llama_gqa_untied', 'qwen2_tied_bias', 'mistral',
                               'llama_linear_rope'])
 def test_import_matches_transformers_logits_and_round_trips(tmp_path, make):
   torch.manual_seed(0)
@@ -71,6 +79,8 @@ def test_import_matches_transformers_logits_and_round_trips(tmp_path, make):
   run_dir = convert.import_hf(hf_dir, str(tmp_path / 'run'))
   run = workdir_lib.load(run_dir)
   assert run.step == 0 and run.meta['data_sha256'] is None
+  if make is _mistral:  # Within its window, sliding-window attention is causal.
+    assert run.config.data.seq_len == 16 and TOKENS.shape[1] <= 16
   diff = np.abs(_our_logits(run, TOKENS) - _hf_logits(model, TOKENS)).max()
   print(f'max |logit diff| vs transformers: {diff:.2e}')
   assert diff <= 1e-4, diff
@@ -153,3 +163,16 @@ def test_cli_import_export_and_errors(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     convert.main(['convert', '--help'])
   assert e.value.code == 0
+
+
+def test_bfloat16_checkpoint_imports(tmp_path):
+  torch.manual_seed(2)
+  model = _llama()
+  model.to(torch.bfloat16).save_pretrained(str(tmp_path / 'hf'), safe_serialization=True)
+  run = workdir_lib.load(convert.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'run')))
+  model = model.float()  # The bf16 values, exactly, in float32.
+  diff = np.abs(_our_logits(run, TOKENS) - _hf_logits(model, TOKENS)).max()
+  assert diff <= 1e-4, diff
+  np.testing.assert_array_equal(
+      np.asarray(run.params['embed']['table']),
+      model.model.embed_tokens.weight.detach().numpy())
