@@ -77,7 +77,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, losses = jax.lax.scan(accumulate, zeros, micro)
-    # Equal-sized micro-batches: the mean of their means is the batch mean.
+    # Equal-sized micro-batches: the mean of their means is the batch mean
+    # (with loss weights, as in SFT, it weights each micro-batch equally).
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = losses.mean()
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
