@@ -76,7 +76,14 @@ def test_packed_example_logits_equal_its_logits_alone(style):
     c.update(norm='layernorm', position='learned', mlp='gelu', use_bias=True,
              num_kv_heads=c.num_heads, tie_embeddings=True)
   cfg = model_lib.ModelConfig.from_config(c, vocab_size=50, max_len=40)
-  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(3))
+  # Run under jit: eager ops on tiny arrays are what would take time.
+  graphdef, params = nnx.split(nnx.eval_shape(
+      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(3))))
+  rng = np.random.default_rng(3)  # Any values serve; numpy is quick.
+  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
+                        nnx.to_pure_dict(params))
+  forward = jax.jit(lambda p, *a, **k: nnx.merge(graphdef, p)(*a, **k))
+  model = lambda *a, **k: forward(params, *a, **k)
   rng = np.random.default_rng(0)
   examples = [(rng.integers(4, 50, n).astype(np.int32), np.ones(n, np.float32))
               for n in (9, 13, 7)]
