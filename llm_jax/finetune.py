@@ -109,8 +109,13 @@ def init_state(trainer, init_from: str):
   check_fits(source, target, run.model_cfg, trainer.model_cfg, init_from)
   state = trainer.init_fn()
   fresh = convert.flatten_params(state.params)
-  merged = {path: (fresh[path] if '/lora_' in path else
-                   jax.device_put(source[path], spec.sharding))
+  def place(value, spec):
+    # From a host copy, each device taking its own slice: no device needs
+    # the whole array, and it works where the mesh spans several hosts.
+    host = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(host.shape, spec.sharding, lambda i: host[i])
+
+  merged = {path: (fresh[path] if '/lora_' in path else place(source[path], spec))
             for path, spec in target.items()}
   metrics.say(f'Initialised from {workdir} (step {run.step}); optimizer state, '
               'schedule and data are this run\'s own.')
