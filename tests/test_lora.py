@@ -108,3 +108,17 @@ def test_lora_run_exports_merged_and_reimports(tmp_path, tiny_config):
   tokens = np.arange(2 * 64).reshape(2, 64).astype(np.int32) % 1000
   np.testing.assert_allclose(np.asarray(back.model()(tokens)),
                              np.asarray(run.model()(tokens)), rtol=0, atol=1e-5)
+
+
+def test_resuming_with_another_lora_rank_is_refused_by_name():
+  from llm_jax import checkpoint
+  saved = {'config': {'model': {'d_model': 8}, 'lora': {'rank': 8}}}
+  with pytest.raises(UserError, match='lora.rank=8 but this run has lora.rank=4'):
+    checkpoint.check_compatible(
+        saved, {'config': {'model': {'d_model': 8}, 'lora': {'rank': 4}}}, 'ckpt')
+  # A checkpoint from before LoRA existed still fits a run without it.
+  older = {'config': {'model': {'d_model': 8}}, 'data_sha256': 'a', 'vocab_size': 3,
+           'tokenizer_sha256': 'b'}
+  checkpoint.check_compatible(
+      older, {'config': {'model': {'d_model': 8}, 'lora': {'rank': 0}},
+              'data_sha256': 'a', 'vocab_size': 3, 'tokenizer_sha256': 'b'}, 'ckpt')
