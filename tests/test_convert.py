@@ -176,3 +176,20 @@ def test_bfloat16_checkpoint_imports(tmp_path):
   np.testing.assert_array_equal(
       np.asarray(run.params['embed']['table']),
       model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_gpt2_file_without_prefix_and_with_mask_buffers_imports(tmp_path):
+  """The hub's gpt2 files: keys without 'transformer.', causal-mask buffers."""
+  torch.manual_seed(3)
+  model = _gpt2()
+  hf_dir = _save(model, tmp_path / 'hf')
+
+  def as_hub(t):
+    for key in list(t):
+      if key.startswith('transformer.'):
+        t[key[len('transformer.'):]] = t.pop(key)
+    t['h.0.attn.bias'] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+  _edit_tensors(hf_dir, as_hub)
+  run = workdir_lib.load(convert.import_hf(hf_dir, str(tmp_path / 'run')))
+  diff = np.abs(_our_logits(run, TOKENS) - _hf_logits(model, TOKENS)).max()
+  assert diff <= 1e-4, diff

@@ -202,6 +202,10 @@ def prepare(config, log: Log = logging.info) -> SftData:
   splits = {}
   for name, keys in (('train', train_keys), ('val', val_keys)):
     rendered = [render(keyed[k], template, tokenizer) for k in keys]
+    cut = sum(len(ids) > seq_len + 1 for ids, _ in rendered)
+    if cut:
+      log(f'Warning: {cut} {name} examples are longer than data.seq_len={seq_len} '
+          '+ 1 tokens; their ends are cut (raise data.seq_len to keep them).')
     splits[name] = pack(rendered, seq_len, packed=config.sft.pack,
                         pad_id=max(tokenizer.pad_id, 0))
     rows = splits[name]
