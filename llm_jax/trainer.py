@@ -50,8 +50,9 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
 
 
 def _loss_fn(params, batch, graphdef):
-  # Packed batches (SFT) carry per-example positions and segment ids.
-  logits_BTV = nnx.merge(graphdef, params)(
+  # Packed batches (SFT) carry per-example positions and segment ids. With
+  # LoRA adapters, no gradient flows to the frozen weights.
+  logits_BTV = nnx.merge(graphdef, lora.freeze_base(params))(
       batch['inputs'], batch.get('positions'),
       segment_ids_BT=batch.get('segment_ids'))
   loss_sum, count = cross_entropy(logits_BTV, batch['targets'], batch.get('weights'))
