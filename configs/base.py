@@ -24,6 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'base'  # Run name: the default workdir is runs/<name>.
   c.seed = 0  # Seeds parameter init, data order and sampling.
+  # Start a fresh run from these weights (continued pre-training, SFT, LoRA):
+  # a workdir (its newest checkpoint) or a step directory in one
+  # (RUN/checkpoints/500). Only the parameters come over (the model config
+  # must match); data, schedule and optimizer state are this run's own. If
+  # tokenizer.path is '' the source's tokenizer.model is used. '': off. A run
+  # that has its own checkpoints resumes from them and ignores this.
+  c.init_from = ''
 
   # ---- Data: raw text -> cleaned documents -> token shards (see llm_jax/data/).
   c.data = ml_collections.ConfigDict()
@@ -80,6 +87,33 @@ def get_config() -> ml_collections.ConfigDict:
   # fastest), 'full' (only its input; recompute the rest: least memory) or
   # 'dots' (matmul outputs). Big models on accelerators want 'full'.
   c.model.remat = 'none'
+  # Biases on the query/key/value projections only (Qwen2) while use_bias is
+  # off; set by `python -m llm_jax.convert import` for such checkpoints.
+  c.model.qkv_bias = False
+  # Linear RoPE scaling (HF rope_scaling type 'linear'): positions are divided
+  # by this factor; 1.0 is plain RoPE.
+  c.model.rope_scaling_factor = 1.0
+
+  # ---- Instruction tuning (data.source='sft'; see llm_jax/data/sft.py and
+  # configs/sft.py): data.paths are JSONL files of {"prompt", "response"} or
+  # {"messages": [{"role", "content"}, ...]} objects.
+  c.sft = ml_collections.ConfigDict()
+  # Each message is rendered with this template ({role}, {content}); the loss
+  # covers only the assistant's content (and what follows it in the template)
+  # plus the end-of-text token after the last one.
+  c.sft.template = '<|{role}|>\n{content}\n'
+  # Pack several examples into one row (segment ids keep them apart); False
+  # puts one example per row, padded.
+  c.sft.pack = True
+
+  # ---- LoRA: low-rank adapters on chosen kernels, the base frozen.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # Adapter rank; 0 turns LoRA off (full fine-tuning).
+  c.lora.alpha = 16.0  # The update is scaled by alpha / rank.
+  # Comma-separated patterns (fnmatch) of the dense layers that get adapters,
+  # matched against paths such as 'blocks/0/attn/q' (a pattern also matches
+  # any path it ends: 'attn/q' covers every layer's query projection).
+  c.lora.targets = 'attn/q,attn/k,attn/v,attn/o'
 
   # ---- Optimizer: AdamW, linear warmup then cosine decay.
   c.optim = ml_collections.ConfigDict()

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from llm_jax.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
-_MUST_MATCH = ('model',)
+_MUST_MATCH = ('model', 'lora')
 # Orbax's names: the marker written last into a finished step directory, and
 # the infix of a step directory still being written.
 _COMMIT_MARKER = 'commit_success.txt'
@@ -208,7 +208,10 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
   """
   saved_flat, current_flat = _flatten(saved['config']), _flatten(current['config'])
   for key in sorted(set(saved_flat) | set(current_flat)):
-    if key.split('.')[0] in _MUST_MATCH and saved_flat.get(key) != current_flat.get(key):
+    # A key the saved config lacks was added to configs/base.py since; its
+    # default there keeps the old behaviour, so an older checkpoint still fits.
+    if (key.split('.')[0] in _MUST_MATCH and key in saved_flat
+        and saved_flat[key] != current_flat.get(key)):
       raise UserError(
           f'The checkpoint in {directory} was trained with {key}='
           f'{saved_flat.get(key)!r} but this run has {key}={current_flat.get(key)!r}. '
@@ -217,7 +220,10 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
   for key, what in (('data_sha256', 'training data (content hash)'),
                     ('vocab_size', 'vocabulary size'),
                     ('tokenizer_sha256', 'tokenizer')):
-    if saved[key] != current[key]:
+    # None: the checkpoint was imported (llm_jax.convert), so it was trained
+    # on no data of ours (and maybe with no SentencePiece tokenizer): any
+    # data may continue it; the vocabulary size still has to fit.
+    if saved.get(key) is not None and saved[key] != current[key]:
       raise UserError(
           f'The checkpoint in {directory} was trained with another {what} '
           f'({str(saved[key])[:16]} then, {str(current[key])[:16]} now). Use the '

@@ -70,7 +70,7 @@ REMAT_POLICIES = {
 }
 _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
                   'head_dim', 'mlp_dim')
-_POSITIVE_FLOATS = ('rope_theta', 'norm_eps', 'init_std')
+_POSITIVE_FLOATS = ('rope_theta', 'norm_eps', 'init_std', 'rope_scaling_factor')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,12 @@ class ModelConfig:
   init_std: float
   remat: str = 'none'
   kind: str = 'decoder'
+  # Biases on the query/key/value projections only (Qwen2), when use_bias
+  # (all dense layers) is off. Defaults keep configs written before them valid.
+  qkv_bias: bool = False
+  # Linear RoPE scaling (position interpolation): positions are divided by
+  # this before the rotary angles are taken; 1.0 is plain RoPE.
+  rope_scaling_factor: float = 1.0
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -126,7 +132,10 @@ class ModelConfig:
     if model_cfg.kind not in KINDS:
       raise UserError(f'model.kind={model_cfg.kind!r} is not one of '
                       f'{", ".join(map(repr, KINDS))}; pick one of them')
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls)
+             # A key added later (with a default here) may be missing from
+             # the config.json of an older run: the default is what it meant.
+             if f.name in model_cfg or f.default is dataclasses.MISSING]
     values = {n: model_cfg[n] for n in names if n not in ('vocab_size',
                                                          'max_len')}
     return cls(vocab_size=vocab_size, max_len=max_len, **values)
@@ -160,6 +169,8 @@ class ModelConfig:
     if self.use_bias:
       attn += n * h + 2 * k * h + d
       mlp += (2 if self.mlp == 'swiglu' else 1) * f + d
+    elif self.qkv_bias:
+      attn += n * h + 2 * k * h
     total = self.num_layers * (2 * norm + attn + mlp) + norm
     if not self.tie_embeddings:
       total += d * v
@@ -324,13 +335,17 @@ class Norm(nnx.Module):
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int,
-                theta: float) -> tuple[jax.Array, jax.Array]:
+                theta: float, *, scaling_factor: float = 1.0
+                ) -> tuple[jax.Array, jax.Array]:
   """Returns float32 ``(sin_BTH, cos_BTH)`` for rotary embeddings.
 
   HF LLaMA's layout: frequency ``r`` drives dimensions ``r`` and ``r + H/2``
   (not interleaved pairs), matching ``rotate_half`` in ``apply_rope``.
+  ``scaling_factor`` is HF's linear ``rope_scaling`` (positions divided by it).
   """
   inv_freq_R = theta ** (-jnp.arange(0, head_dim, 2, jnp.float32) / head_dim)
+  if scaling_factor != 1.0:
+    inv_freq_R = inv_freq_R / scaling_factor
   angles_BTR = positions_BT.astype(jnp.float32)[..., None] * inv_freq_R
   angles_BTH = jnp.concatenate([angles_BTR, angles_BTR], axis=-1)
   return jnp.sin(angles_BTH), jnp.cos(angles_BTH)
@@ -358,11 +373,14 @@ def attention_mask(segment_ids_BT: jax.Array | None, causal: bool, *,
                    length: int | None = None) -> jax.Array:
   """Which keys each query may attend to, ``[B, T, T]`` bool.
 
-  Without segment ids the mask is ``[1, T, T]`` (the same for every row).
+  Packed examples (several per row, told apart by ``segment_ids_BT``) never
+  attend to each other; with ``causal`` a query also sees only keys at or
+  before it in the row. Padding takes its own id (0 by convention) and so sees
+  only other padding, which keeps every softmax row non-empty. Without segment
+  ids the mask is ``[1, T, T]`` (the same for every row).
 
   Args:
-    segment_ids_BT: int ids of packed sequences; a token attends only to
-      tokens with the same id. None: one sequence per row.
+    segment_ids_BT: int ids of packed sequences; None: one sequence per row.
     causal: also require key position <= query position (decoders).
     length: T, needed when ``segment_ids_BT`` is None.
   """
@@ -409,12 +427,13 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, rngs=rngs)
+    qkv_kw = dict(kw, use_bias=cfg.use_bias or cfg.qkv_bias)
     self.q = Dense((D,), (N, H), ('embed', 'heads', 'head_dim'),
-                   std=cfg.init_std, **kw)
+                   std=cfg.init_std, **qkv_kw)
     self.k = Dense((D,), (K, H), ('embed', 'kv_heads', 'head_dim'),
-                   std=cfg.init_std, **kw)
+                   std=cfg.init_std, **qkv_kw)
     self.v = Dense((D,), (K, H), ('embed', 'kv_heads', 'head_dim'),
-                   std=cfg.init_std, **kw)
+                   std=cfg.init_std, **qkv_kw)
     # GPT-2's residual scaling: 2 residual adds per layer feed the stream.
     self.o = Dense((N, H), (D,), ('heads', 'head_dim', 'embed'),
                    std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
@@ -505,7 +524,9 @@ class Transformer(nnx.Module):
         table); defaults to ``0..T-1`` in every row. A decoder with left
         padding or packed sequences passes its own. Values must be below
         ``max_len`` for learned positions.
-      segment_ids_BT: packed sequences: tokens attend only within their id.
+      segment_ids_BT: with packed sequences, the example each token belongs
+        to; a token then attends only within its own segment
+        (``attention_mask``). None: one sequence per row.
     """
     B, T = tokens_BT.shape
     if T > self.cfg.max_len:
@@ -517,7 +538,8 @@ class Transformer(nnx.Module):
     if self.pos_embed is not None:
       x_BTD = x_BTD + self.pos_embed(positions_BT)
     else:
-      rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
+      rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta,
+                         scaling_factor=self.cfg.rope_scaling_factor)
     mask_BTS = attention_mask(segment_ids_BT, self.cfg.causal, length=T)
     for block in self.blocks:
       if self.cfg.remat == 'none':

@@ -12,6 +12,7 @@ Ctrl-C or SIGTERM saves a checkpoint of the current step and exits with status
 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM); bad input exits 2.
 """
 
+import functools
 import json
 import os
 import re
@@ -86,11 +87,18 @@ def run(config, workdir: str | None = None) -> dict:
   from llm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from llm_jax.data import shards  # pylint: disable=g-import-not-at-top
 
+  if config.init_from:
+    from llm_jax import finetune  # pylint: disable=g-import-not-at-top
+    finetune.use_source_tokenizer(config)  # Before config.json records it.
   _write_config(config, workdir)
   if config.train.compile_cache:
     # Compiled steps persist across restarts: a resumed run starts sooner.
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
-  data = shards.prepare(config, log=metrics.say)
+  if config.data.source == 'sft':  # Instruction tuning: packed chat examples.
+    from llm_jax.data import sft  # pylint: disable=g-import-not-at-top
+    data = sft.prepare(config, log=metrics.say)
+  else:
+    data = shards.prepare(config, log=metrics.say)
   if jax.process_index() == 0:
     # The workdir is complete on its own: generate/evaluate/export need no cache.
     workdir_lib.save_tokenizer(workdir, data.tokenizer.model_bytes)
@@ -129,13 +137,21 @@ def _resume_and_train(config, tr, ckpt, data, workdir):
   from llm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
   meta_fn = lambda step: trainer.checkpoint_meta(config, data, step)
-  state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0))
-  train_w, val_w = (pipeline.TokenWindows(paths, data.manifest['dtype'], config.data.seq_len)
-                    for paths in (data.train_shards, data.val_shards))
-  eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in _mlm_eval(
-      config, data, pipeline.eval_batches(
-          val_w, global_batch=config.train.batch_size, num_batches=config.train.eval_batches,
-          process_index=jax.process_index(), process_count=jax.process_count()))]
+  state, start = trainer.restore_or_init(tr, ckpt, meta_fn(0),
+                                         init_from=config.init_from)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if config.data.source == 'sft':  # data.sft.SftData serves its own batches.
+    train_w, local_eval = data, data.eval_batches(
+        global_batch=config.train.batch_size, num_batches=config.train.eval_batches,
+        **hosts)
+  else:
+    train_w, val_w = (pipeline.TokenWindows(paths, data.manifest['dtype'],
+                                            config.data.seq_len)
+                      for paths in (data.train_shards, data.val_shards))
+    local_eval = _mlm_eval(config, data, pipeline.eval_batches(
+        val_w, global_batch=config.train.batch_size,
+        num_batches=config.train.eval_batches, **hosts))
+  eval_batches = [sharding.global_batch(b, tr.batch_sharding) for b in local_eval]
   if config.train.stop_at and start >= config.train.stop_at < config.train.steps:
     metrics.say(f'Already at step {start}, at or past train.stop_at='
                 f'{config.train.stop_at}: nothing to do. Raise it, or set it to 0 to '
@@ -186,10 +202,12 @@ def _train(config, tr, ckpt, state, start, train_w, eval_batches, workdir, meta_
       thr=metrics.Throughput(batch * seq_len, flops, peak),
       log_every=config.train.log_every, nan_policy=config.train.nan_policy,
       max_nan_skips=config.train.max_nan_skips)
-  batches = pipeline.train_batches(
-      train_w, global_batch=batch, seed=config.seed, start_step=start,
+  make_batches = (train_w.train_batches if config.data.source == 'sft' else
+                  functools.partial(pipeline.train_batches, train_w))
+  batches = make_batches(
+      global_batch=batch, seed=config.seed, start_step=start,
       process_index=jax.process_index(), process_count=jax.process_count())
-  if data is not None:
+  if data is not None and config.data.source != 'sft':
     io.val_bytes_per_token = data.manifest['splits']['val']['bytes_per_token']
     masker = _masker(config, data)
     if masker is not None:  # Encoder: masked per step from (seed, step).

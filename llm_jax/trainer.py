@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from llm_jax import checkpoint as ckpt_lib
-from llm_jax import decode, metrics, optim, sharding
+from llm_jax import decode, lora, metrics, optim, sharding
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 
@@ -36,25 +36,29 @@ class TrainState:
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
                   weights_BT: jax.Array | None = None):
-  """Summed token cross-entropy (float32) and the total weight.
+  """Weighted summed token cross-entropy (float32) and the total weight.
 
-  Without ``weights_BT`` every token weighs 1 (the total is the token count);
-  the masked-LM objective passes 1 at selected positions, 0 elsewhere.
+  ``weights_BT`` (float32, one per target; None means all ones, and the total
+  is the token count) lets SFT count only response tokens and the masked-LM
+  objective only selected positions; the loss is their ratio.
   """
   losses_BT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BTV.astype(jnp.float32), targets_BT)
   if weights_BT is None:
     return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
   weights_BT = weights_BT.astype(jnp.float32)
-  return (weights_BT * losses_BT).sum(), weights_BT.sum()
+  return (losses_BT * weights_BT).sum(), weights_BT.sum()
 
 
 def _loss_fn(params, batch, graphdef):
-  logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
-  loss_sum, count = cross_entropy(logits_BTV, batch['targets'],
-                                  batch.get('weights'))
-  # max(count, 1): a batch with no selected token has loss 0, not NaN.
-  return loss_sum / jnp.maximum(count, 1.0), loss_sum
+  # Packed batches (SFT) carry per-example positions and segment ids. With
+  # LoRA adapters, no gradient flows to the frozen weights.
+  logits_BTV = nnx.merge(graphdef, lora.freeze_base(params))(
+      batch['inputs'], batch.get('positions'),
+      segment_ids_BT=batch.get('segment_ids'))
+  loss_sum, count = cross_entropy(logits_BTV, batch['targets'], batch.get('weights'))
+  # A micro-batch of only prompt tokens has loss 0 (its sum), not NaN.
+  return loss_sum / jnp.where(count > 0, count, 1.0), loss_sum
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
@@ -75,7 +79,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, losses = jax.lax.scan(accumulate, zeros, micro)
-    # Equal-sized micro-batches: the mean of their means is the batch mean.
+    # Equal-sized micro-batches: the mean of their means is the batch mean
+    # (with loss weights, as in SFT, it weights each micro-batch equally).
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = losses.mean()
   # With weights (masked LM) micro-batches hold about, not exactly, the same
@@ -97,7 +102,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
 
 def eval_step(params, batch: dict, *, graphdef) -> dict:
   """Summed validation loss, weight (token count) and correct argmaxes."""
-  logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
+  logits_BTV = nnx.merge(graphdef, params)(
+      batch['inputs'], batch.get('positions'),
+      segment_ids_BT=batch.get('segment_ids'))
   loss_sum, count = cross_entropy(logits_BTV, batch['targets'],
                                   batch.get('weights'))
   hits_BT = (jnp.argmax(logits_BTV, axis=-1) == batch['targets']).astype(jnp.float32)
@@ -128,10 +135,12 @@ class Trainer:
     _check_train_config(config, mesh)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     tx = optim.make_optimizer(config.optim, config.train.steps)
+    if lora.enabled(config):  # Only the adapters are trained (and have state).
+      tx = lora.optimizer(tx)
     rules = config.mesh.rules
 
     def init_fn():
-      model = Transformer(model_cfg, rngs=nnx.Rngs(config.seed))
+      model = _make_model(config, model_cfg, config.seed)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=tx.init(params),
@@ -141,7 +150,7 @@ class Trainer:
     # axes, then init directly into those shardings: no device ever holds a
     # full copy of a sharded parameter.
     graphdef, abstract_params = nnx.split(
-        nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+        nnx.eval_shape(lambda: _make_model(config, model_cfg, 0)))
     names = sharding.param_names(abstract_params)
     sharding.check_divisible(nnx.to_pure_dict(abstract_params), names, mesh, rules)
     p_shard = sharding.tree_shardings(names, mesh, rules)
@@ -149,7 +158,9 @@ class Trainer:
     rep = sharding.replicated(mesh)
     state_shardings = TrainState(
         step=rep, params=p_shard, rng=rep,
-        opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh))
+        opt_state=(lora.opt_state_shardings(abstract.opt_state, p_shard, mesh)
+                   if lora.enabled(config) else
+                   sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh)))
     batch_shard = sharding.batch_sharding(mesh, rules)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              accum_steps=config.optim.grad_accum_steps)
@@ -179,6 +190,12 @@ class Trainer:
       # The encoder's metric: how often the masked token is the argmax.
       out['val_accuracy'] = sum(float(t['correct']) for t in totals) / count
     return out
+
+
+def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
+  """The Transformer, with LoRA adapters where ``config.lora`` asks for them."""
+  model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
+  return lora.apply(model, config.lora, seed) if lora.enabled(config) else model
 
 
 def _check_train_config(config, mesh) -> None:
@@ -286,8 +303,12 @@ def _agree_to_stop(local_request: bool, step: int, every: int) -> bool:
 
 
 def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
-                    meta: dict) -> tuple[TrainState, int]:
+                    meta: dict, *, init_from: str = '') -> tuple[TrainState, int]:
   """Resumes from the newest checkpoint that loads, else initialises.
+
+  A fresh run with ``init_from`` (``config.init_from``) takes its parameters
+  from there (``finetune.init_state``); a run with checkpoints of its own
+  always resumes from those.
 
   A torn checkpoint (a file cut short, the commit marker gone) is named in a
   warning and the next older one is tried; once one loads, the torn ones are
@@ -322,6 +343,9 @@ def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
         f'No checkpoint in {ckpt.directory} could be read (steps '
         f'{", ".join(map(str, steps))}; see the warnings above). Move that '
         'directory away to start over, or restore it from a backup.')
+  if init_from:
+    from llm_jax import finetune  # pylint: disable=g-import-not-at-top
+    return finetune.init_state(trainer, init_from), 0
   return trainer.init_fn(), 0
 
 

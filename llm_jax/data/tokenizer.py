@@ -235,3 +235,72 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f'Tokenizer({self._path!r}, vocab_size={self.vocab_size}, '
             f'sha256={self._sha256[:12]})')
+
+
+def extend_tokenizer(model_bytes: bytes, texts: Iterable[str], num_pieces: int, *,
+                     character_coverage: float = 0.9995,
+                     num_threads: int = 2) -> tuple[bytes, list[str]]:
+  """Appends pieces learnt from ``texts`` that the model lacks; old ids stay.
+
+  A SentencePiece model of the base model's type is trained on ``texts`` with
+  this module's settings; its pieces the base lacks are appended to the base
+  ModelProto, single characters first (a BPE merge can only build a piece
+  from characters the vocabulary has), then the rest in the order the new
+  model ranks them. Nothing before the old last id moves, so old ids encode
+  and decode as before; new text can use the new pieces.
+
+  Args:
+    model_bytes: the serialized base model.
+    texts: the new documents.
+    num_pieces: how many pieces to add at most.
+    character_coverage: share of the new text's characters to cover.
+    num_threads: trainer threads.
+
+  Returns:
+    (the merged model's bytes, the pieces added in id order).
+
+  Raises:
+    UserError: the base is not a model, or nothing could be learnt.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from sentencepiece import sentencepiece_model_pb2 as model_pb2
+  if num_pieces < 1:
+    raise UserError(f'num_pieces={num_pieces} must be at least 1.')
+  base = model_pb2.ModelProto()
+  base.ParseFromString(model_bytes)
+  normal = model_pb2.ModelProto.SentencePiece.NORMAL
+  model_type = {1: 'unigram', 2: 'bpe'}.get(base.trainer_spec.model_type, 'bpe')
+  options = dict(TRAINER_OPTIONS, byte_fallback=False)  # Only pieces wanted.
+  texts = list(texts)
+  # Room for every character as well (the trainer refuses a vocabulary
+  # smaller than the characters it must cover) and the control pieces.
+  num_chars = len(set(''.join(texts)))
+  new = io.BytesIO()
+  spm.set_random_generator_seed(_SPM_RANDOM_SEED)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_lines(texts), model_writer=new,
+        model_type=model_type, vocab_size=num_pieces + num_chars + 8,
+        character_coverage=character_coverage, num_threads=max(1, num_threads),
+        minloglevel=2, **options)
+  except RuntimeError as e:
+    raise UserError(f'SentencePiece could not learn pieces from the new text: '
+                    f'{" ".join(str(e).split())}') from None
+  learnt = model_pb2.ModelProto()
+  learnt.ParseFromString(new.getvalue())
+  have = {p.piece for p in base.pieces}
+  fresh = [p for p in learnt.pieces if p.type == normal and p.piece not in have]
+  # Characters first, each group in the new model's order.
+  fresh = ([p for p in fresh if len(p.piece) == 1] +
+           [p for p in fresh if len(p.piece) > 1])[:num_pieces]
+  if not fresh:
+    raise UserError('The new text adds no piece the tokenizer lacks; give text '
+                    'in the new language or domain.')
+  floor = min((p.score for p in base.pieces if p.type == normal), default=0.0)
+  for rank, p in enumerate(fresh):
+    # BPE merges by score: below every old piece, so old text encodes as
+    # before wherever it did not need a new piece. Unigram keeps the new
+    # model's log-probabilities, which are on the base's scale.
+    score = floor - 1.0 - rank if model_type == 'bpe' else p.score
+    base.pieces.add(piece=p.piece, score=score, type=normal)
+  return base.SerializeToString(deterministic=True), [p.piece for p in fresh]
