@@ -34,7 +34,7 @@ S: cache slots (P + W).
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +162,8 @@ def sample(logits_BV, key, step, temperature, top_k, top_p):
 
 def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
                   top_k, top_p, seed, *, graphdef, width: int,
-                  stop_ids: Sequence[int] = (), pad_id: int = 0):
+                  stop_ids: Sequence[int] = (), pad_id: int = 0,
+                  on_token: Callable[..., None] | None = None):
   """Generates up to ``min(max_new_tokens, width)`` tokens per row.
 
   Pure and jittable; shapes of batch B and prompt width P may be symbolic
@@ -181,6 +182,9 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
     width: W, the static output width.
     stop_ids: token ids that end a row (e.g. end-of-text).
     pad_id: what fills the output after a row's last token.
+    on_token: for streaming on the host only (not exportable): called as
+      ``on_token(j, tokens_B, counts_B)`` after step j; row b produced
+      ``tokens_B[b]`` iff ``counts_B[b] > j``.
 
   Returns:
     ``(tokens_BW int32, counts_B int32)``.
@@ -213,6 +217,8 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
     out_BW = out_BW.at[:, j].set(jnp.where(done_B, pad_id, token_B))
     counts_B = counts_B + (~done_B).astype(jnp.int32)
     done_B = done_B | (counts_B >= max_new) | (counts_B >= room_B)
+    if on_token is not None:
+      jax.debug.callback(on_token, j, out_BW[:, j], counts_B, ordered=True)
     return token_B, out_BW, counts_B, done_B
 
   out_BW = jnp.full((B, width), pad_id, jnp.int32)
@@ -240,8 +246,8 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   return out_BW, counts_B
 
 
-decode_jit = jax.jit(decode_tokens,
-                     static_argnames=('graphdef', 'width', 'stop_ids', 'pad_id'))
+decode_jit = jax.jit(decode_tokens, static_argnames=(
+    'graphdef', 'width', 'stop_ids', 'pad_id', 'on_token'))
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef',))

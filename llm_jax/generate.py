@@ -1,0 +1,220 @@
+r"""Generate text from a trained run: ``python -m llm_jax.generate --workdir=RUN``.
+
+    python -m llm_jax.generate --workdir=runs/tiny --prompt='def main(' \
+        --max_new_tokens=64 --temperature=0.8 --top_p=0.95 --seed=1 --stream
+
+Flags:
+  --workdir=DIR          a training run (reads its newest checkpoint).
+  --prompt=TEXT          a prompt (repeat the flag for several); ``\n`` and
+                         ``\t`` escapes are expanded.
+  --prompts_file=FILE    one prompt per line (escapes expanded as above).
+  --prompt_ids=1,2,3     a prompt as token ids (runs without a tokenizer).
+  --max_new_tokens, --temperature (0: greedy), --top_k (0: off),
+  --top_p (1: off), --seed, --stream (print tokens as they come).
+
+All prompts run as one left-padded batch through ``decode.decode_jit`` (the
+function the SavedModel export wraps); a prompt that does not fit the model's
+context (it must leave room for one new token) is an error, exit status 2.
+"""
+
+import sys
+
+from absl import app, flags, logging
+import numpy as np
+
+from llm_jax.errors import UserError
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory to load.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text; repeatable.')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'File, one prompt a line.')
+_PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [],
+                                        'A prompt as comma-separated token ids.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens; 0: all.')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much '
+                            'probability; 1: all.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed (same seed, same text).')
+_STREAM = flags.DEFINE_bool('stream', False, 'Print tokens as they are generated '
+                            '(prompts run one at a time).')
+
+# Prompt widths are padded up to one of these (each width compiles once).
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def check_prompts(prompts: list[list[int]], max_len: int, vocab_size: int) -> None:
+  """Raises UserError for an empty, too long, or out-of-vocabulary prompt."""
+  for i, p in enumerate(prompts):
+    if not p:
+      raise UserError(f'prompt {i + 1} is empty; give at least one token.')
+    if len(p) >= max_len:
+      raise UserError(
+          f'prompt {i + 1} has {len(p)} tokens but the model\'s context is '
+          f'{max_len} tokens and must leave room for a new one; shorten it to at '
+          f'most {max_len - 1} tokens.')
+    bad = [t for t in p if not 0 <= t < vocab_size]
+    if bad:
+      raise UserError(f'prompt {i + 1} has token id {bad[0]} outside the '
+                      f'vocabulary [0, {vocab_size}); use ids the tokenizer gives.')
+
+
+def generate_ids(run, prompts: list[list[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, width: int | None = None,
+                 prompt_width: int | None = None,
+                 on_token=None) -> tuple[np.ndarray, np.ndarray]:
+  """Generates for a batch of token-id prompts; the reference for the export.
+
+  Args:
+    run: a ``workdir.Run``.
+    prompts: token ids per prompt (checked with ``check_prompts``).
+    max_new_tokens: new tokens per row at most.
+    temperature, top_k, top_p, seed: sampling, as in llm_jax/decode.py.
+    width: the static output width (default ``max_new_tokens``).
+    prompt_width: the padded prompt width (default: the next bucket).
+    on_token: streaming callback (see ``decode.decode_tokens``).
+
+  Returns:
+    ``(tokens [B, width] int32, counts [B] int32)`` as the SavedModel's
+    ``serving_default`` returns them.
+  """
+  from llm_jax import decode  # pylint: disable=g-import-not-at-top
+  cfg = run.model_cfg
+  check_prompts(prompts, cfg.max_len, cfg.vocab_size)
+  longest = max(map(len, prompts))
+  prompt_width = prompt_width or min(decode.bucket(longest, PROMPT_BUCKETS),
+                                     cfg.max_len)
+  tokens, lengths = decode.left_pad(prompts, prompt_width, _pad_id(run))
+  out, counts = decode.decode_jit(
+      run.params, tokens, lengths, np.int32(max_new_tokens),
+      np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(seed),
+      graphdef=run.graphdef, width=max(1, width or max_new_tokens),
+      stop_ids=stop_ids(run), pad_id=_pad_id(run), on_token=on_token)
+  return np.asarray(out), np.asarray(counts)
+
+
+def stop_ids(run) -> tuple[int, ...]:
+  """End-of-text ends a row (when the run has a tokenizer that defines one)."""
+  tok = run.tokenizer
+  return (tok.eos_id,) if tok is not None and tok.eos_id >= 0 else ()
+
+
+def _pad_id(run) -> int:
+  tok = run.tokenizer
+  return max(tok.pad_id, 0) if tok is not None else 0
+
+
+def _expand(text: str) -> str:
+  return text.replace('\\n', '\n').replace('\\t', '\t')
+
+
+def _read_prompts(run) -> tuple[list[str | None], list[list[int]]]:
+  """(display text or None, token ids) of every prompt the flags give."""
+  texts = [_expand(p) for p in _PROMPT.value]
+  if _PROMPTS_FILE.value:
+    try:
+      with open(_PROMPTS_FILE.value, encoding='utf-8') as f:
+        texts += [_expand(line.rstrip('\n')) for line in f if line.strip()]
+    except OSError as e:
+      raise UserError(f'Cannot read --prompts_file={_PROMPTS_FILE.value}: '
+                      f'{e.strerror}. Pass a text file, one prompt a line.') from None
+  if texts and run.tokenizer is None:
+    raise UserError(f'{run.workdir} has no tokenizer.model, so text prompts '
+                    'cannot be encoded; pass --prompt_ids=1,2,3 instead.')
+  ids = [run.tokenizer.encode(t) for t in texts]
+  for spec in _PROMPT_IDS.value:
+    try:
+      ids.append([int(x) for x in spec.split(',') if x.strip()])
+    except ValueError:
+      raise UserError(f'--prompt_ids={spec!r} is not a comma-separated list of '
+                      'integers, e.g. --prompt_ids=5,17,9.') from None
+    texts.append(None)
+  if not ids:
+    raise UserError('No prompt given. Pass --prompt=TEXT, --prompts_file=FILE or '
+                    '--prompt_ids=1,2,3.')
+  return texts, ids
+
+
+def _show(run, ids: list[int]) -> str:
+  return run.tokenizer.decode(ids) if run.tokenizer is not None else str(ids)
+
+
+def _stream_one(run, text, ids, kw) -> None:
+  """Prints one prompt's continuation token by token."""
+  sys.stdout.write(text if text is not None else f'{ids} ->')
+  got: list[int] = []
+  shown = ['']
+
+  def on_token(j, tokens_b, counts_b):
+    if int(counts_b[0]) > int(j):
+      got.append(int(tokens_b[0]))
+      # Decode the whole continuation: a piece may only print right once the
+      # bytes after it arrive (byte-fallback UTF-8).
+      now = _show(run, got) if run.tokenizer is not None else f' {got[-1]}'
+      if run.tokenizer is not None:
+        sys.stdout.write(now[len(shown[0]):] if now.startswith(shown[0]) else '')
+        shown[0] = now
+      else:
+        sys.stdout.write(now)
+      sys.stdout.flush()
+
+  generate_ids(run, [ids], on_token=on_token, **kw)
+  sys.stdout.write('\n')
+
+
+def main(argv) -> None:
+  logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --prompt=TEXT.')
+  if not _WORKDIR.value:
+    _fail('No --workdir given. Pass the directory of a training run.')
+  try:
+    for name, value, ok in (('max_new_tokens', _MAX_NEW.value, _MAX_NEW.value >= 1),
+                            ('temperature', _TEMPERATURE.value, _TEMPERATURE.value >= 0),
+                            ('top_p', _TOP_P.value, 0 < _TOP_P.value <= 1)):
+      if not ok:
+        raise UserError(f'--{name}={value} is out of range (max_new_tokens >= 1, '
+                        'temperature >= 0, 0 < top_p <= 1).')
+    from llm_jax import workdir  # pylint: disable=g-import-not-at-top
+    run = workdir.load(_WORKDIR.value, _STEP.value)
+    texts, prompts = _read_prompts(run)
+    kw = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+              top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+    check_prompts(prompts, run.model_cfg.max_len, run.model_cfg.vocab_size)
+    if _STREAM.value:
+      for text, ids in zip(texts, prompts):
+        _stream_one(run, text, ids, kw)
+      return
+    out, counts = generate_ids(run, prompts, **kw)
+    for row, (text, ids) in enumerate(zip(texts, prompts)):
+      new = out[row, :counts[row]].tolist()
+      if text is None:
+        print(f'{ids} -> {new}')
+      else:
+        print(f'--- prompt {row + 1}\n{text}{_show(run, new)}')
+  except UserError as e:
+    _fail(str(e))
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses flags; --help exits 0, a bad flag is one line and exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    if any(a.split('=')[0] in ('--help', '--helpshort', '--helpfull', '-h', '-?')
+           for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except flags.Error as e:
+    _fail(f'{e}. See --help.')
+  return []
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
