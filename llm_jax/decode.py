@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from llm_jax import model as model_lib
+from llm_jax.errors import UserError
 
 
 # ---- The cached forward pass (drives the Transformer's own submodules).
@@ -316,6 +317,79 @@ def generate(graphdef, params, prompts: list[list[int]], *, max_new_tokens: int,
       width=max(1, width or max_new_tokens), stop_ids=(eos_id,), pad_id=pad_id)
   out, counts = np.asarray(out), np.asarray(counts)
   return [out[row, :counts[row]].tolist() for row in range(len(prompts))]
+
+
+# ---- Generation for a run read back by llm_jax.workdir (CLI, export, bench).
+
+
+# Prompt widths are padded up to one of these (each width compiles once).
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def check_prompts(prompts: list[list[int]], max_len: int, vocab_size: int) -> None:
+  """Raises UserError for an empty, too long, or out-of-vocabulary prompt."""
+  for i, p in enumerate(prompts):
+    if not p:
+      raise UserError(f'prompt {i + 1} is empty; give at least one token.')
+    if len(p) >= max_len:
+      raise UserError(
+          f'prompt {i + 1} has {len(p)} tokens but the model\'s context is '
+          f'{max_len} tokens and must leave room for a new one; shorten it to at '
+          f'most {max_len - 1} tokens.')
+    bad = [t for t in p if not 0 <= t < vocab_size]
+    if bad:
+      raise UserError(f'prompt {i + 1} has token id {bad[0]} outside the '
+                      f'vocabulary [0, {vocab_size}); use ids the tokenizer gives.')
+
+
+def generate_for_run(run, prompts: list[list[int]], *, max_new_tokens: int,
+                     temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int = 0, width: int | None = None,
+                     prompt_width: int | None = None,
+                     on_token=None) -> tuple[np.ndarray, np.ndarray]:
+  """Generates for a batch of token-id prompts; the reference for the export.
+
+  Args:
+    run: a ``workdir.Run``.
+    prompts: token ids per prompt (checked with ``check_prompts``).
+    max_new_tokens: new tokens per row at most.
+    temperature, top_k, top_p, seed: sampling, as in llm_jax/decode.py.
+    width: the static output width (default ``max_new_tokens``).
+    prompt_width: the padded prompt width (default: the next bucket).
+    on_token: streaming callback (see ``decode.decode_tokens``).
+
+  Returns:
+    ``(tokens [B, width] int32, counts [B] int32)`` as the SavedModel's
+    ``serving_default`` returns them.
+  """
+  cfg = run.model_cfg
+  check_prompts(prompts, cfg.max_len, cfg.vocab_size)
+  longest = max(map(len, prompts))
+  prompt_width = prompt_width or min(bucket(longest, prompt_buckets(cfg.max_len)),
+                                     cfg.max_len)
+  tokens, lengths = left_pad(prompts, prompt_width, pad_id_of(run))
+  out, counts = decode_jit(
+      run.params, tokens, lengths, np.int32(max_new_tokens),
+      np.float32(temperature), np.int32(top_k), np.float32(top_p), np.int32(seed),
+      graphdef=run.graphdef, width=max(1, width or max_new_tokens),
+      stop_ids=stop_ids(run), pad_id=pad_id_of(run), on_token=on_token)
+  return np.asarray(out), np.asarray(counts)
+
+
+def stop_ids(run) -> tuple[int, ...]:
+  """End-of-text ends a row (when the run has a tokenizer that defines one)."""
+  tok = run.tokenizer
+  return (tok.eos_id,) if tok is not None and tok.eos_id >= 0 else ()
+
+
+def pad_id_of(run) -> int:
+  tok = run.tokenizer
+  return max(tok.pad_id, 0) if tok is not None else 0
+
+
+def prompt_buckets(max_len: int) -> list[int]:
+  """Prompt widths below the context from PROMPT_BUCKETS, then the context."""
+  return [b for b in PROMPT_BUCKETS if b < max_len] + [max_len]
 
 
 def nbytes(tree: Any) -> int:
