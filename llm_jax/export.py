@@ -57,24 +57,30 @@ TEXT_SIGNATURE = 'generate_text'
 WARMUP_FILE = 'tf_serving_warmup_requests'
 INFO_FILE = 'llm_jax_export.json'
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory to export.')
-_OUT = flags.DEFINE_string('out', None, 'SavedModel directory to create, e.g. '
-                           'RUN/export/1 (TF Serving wants a numbered version).')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
-_QUANTIZE = flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
-                              'int8: weight-only, per-channel scales.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most '
-                                'new tokens a request can get (capped at the context).')
-_BATCH_BUCKETS = flags.DEFINE_list('batch_buckets', ['1', '4', '8'],
-                                   'Batch sizes to warm up.')
-_PROMPT_BUCKETS = flags.DEFINE_list('prompt_buckets', [], 'Prompt widths to warm up and '
-                                    'to pad text prompts to (default: 16, 32, 64, ... '
-                                    'below the context, and the context).')
-_PLATFORMS = flags.DEFINE_list('platforms', list(PLATFORMS), 'Lower for these.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
-_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 8, 'With --quantize=int8: '
-                                     'validation batches for the perplexity check '
-                                     '(0 skips it).')
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines the CLI's flags (only when run as a program: importing this
+  module as a library must not claim flag names other CLIs use)."""
+  flags.DEFINE_string('workdir', None, 'The run directory to export.')
+  flags.DEFINE_string('out', None, 'SavedModel directory to create, e.g. '
+                             'RUN/export/1 (TF Serving wants a numbered version).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+  flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
+                                'int8: weight-only, per-channel scales.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most '
+                                  'new tokens a request can get (capped at the context).')
+  flags.DEFINE_list('batch_buckets', ['1', '4', '8'],
+                                     'Batch sizes to warm up.')
+  flags.DEFINE_list('prompt_buckets', [], 'Prompt widths to warm up and '
+                                      'to pad text prompts to (default: 16, 32, 64, ... '
+                                      'below the context, and the context).')
+  flags.DEFINE_list('platforms', list(PLATFORMS), 'Lower for these.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
+  flags.DEFINE_integer('eval_batches', 8, 'With --quantize=int8: '
+                                       'validation batches for the perplexity check '
+                                       '(0 skips it).')
 
 
 # ---- Parameters: flat leaves, optionally int8 with per-channel scales.
@@ -464,18 +470,18 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --out=DIR.')
-  if not _WORKDIR.value or not _OUT.value:
+  if not FLAGS.workdir or not FLAGS.out:
     _fail('Pass both --workdir=RUN (a training run) and --out=DIR (the SavedModel '
           'to create).')
   try:
-    if _MAX_NEW.value < 1:
-      raise UserError(f'--max_new_tokens={_MAX_NEW.value} must be at least 1.')
-    export(_WORKDIR.value, _OUT.value, step=_STEP.value, quantize=_QUANTIZE.value,
-           max_new_tokens=_MAX_NEW.value,
-           batch_buckets=_ints('batch_buckets', _BATCH_BUCKETS.value),
-           prompt_buckets=_ints('prompt_buckets', _PROMPT_BUCKETS.value) or None,
-           platforms=_PLATFORMS.value, overwrite=_OVERWRITE.value,
-           eval_batches=_EVAL_BATCHES.value)
+    if FLAGS.max_new_tokens < 1:
+      raise UserError(f'--max_new_tokens={FLAGS.max_new_tokens} must be at least 1.')
+    export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, quantize=FLAGS.quantize,
+           max_new_tokens=FLAGS.max_new_tokens,
+           batch_buckets=_ints('batch_buckets', FLAGS.batch_buckets),
+           prompt_buckets=_ints('prompt_buckets', FLAGS.prompt_buckets) or None,
+           platforms=FLAGS.platforms, overwrite=FLAGS.overwrite,
+           eval_batches=FLAGS.eval_batches)
   except UserError as e:
     _fail(str(e))
 
@@ -499,4 +505,5 @@ def _parse(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=_parse)

@@ -25,20 +25,26 @@ import numpy as np
 from llm_jax import decode
 from llm_jax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run directory to load.')
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
-_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text; repeatable.')
-_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'File, one prompt a line.')
-_PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [],
-                                        'A prompt as comma-separated token ids.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens; 0: all.')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much '
-                            'probability; 1: all.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed (same seed, same text).')
-_STREAM = flags.DEFINE_bool('stream', False, 'Print tokens as they are generated '
-                            '(prompts run one at a time).')
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines the CLI's flags (only when run as a program: importing this
+  module as a library must not claim flag names other CLIs use)."""
+  flags.DEFINE_string('workdir', None, 'The run directory to load.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
+  flags.DEFINE_multi_string('prompt', [], 'Prompt text; repeatable.')
+  flags.DEFINE_string('prompts_file', None, 'File, one prompt a line.')
+  flags.DEFINE_multi_string('prompt_ids', [],
+                                          'A prompt as comma-separated token ids.')
+  flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.')
+  flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens; 0: all.')
+  flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much '
+                              'probability; 1: all.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed (same seed, same text).')
+  flags.DEFINE_bool('stream', False, 'Print tokens as they are generated '
+                              '(prompts run one at a time).')
 
 # The library half lives in decode.py (export and bench use it without this
 # CLI's flags); these names are this module's public API too.
@@ -53,19 +59,19 @@ def _expand(text: str) -> str:
 
 def _read_prompts(run) -> tuple[list[str | None], list[list[int]]]:
   """(display text or None, token ids) of every prompt the flags give."""
-  texts = [_expand(p) for p in _PROMPT.value]
-  if _PROMPTS_FILE.value:
+  texts = [_expand(p) for p in FLAGS.prompt]
+  if FLAGS.prompts_file:
     try:
-      with open(_PROMPTS_FILE.value, encoding='utf-8') as f:
+      with open(FLAGS.prompts_file, encoding='utf-8') as f:
         texts += [_expand(line.rstrip('\n')) for line in f if line.strip()]
     except OSError as e:
-      raise UserError(f'Cannot read --prompts_file={_PROMPTS_FILE.value}: '
+      raise UserError(f'Cannot read --prompts_file={FLAGS.prompts_file}: '
                       f'{e.strerror}. Pass a text file, one prompt a line.') from None
   if texts and run.tokenizer is None:
     raise UserError(f'{run.workdir} has no tokenizer.model, so text prompts '
                     'cannot be encoded; pass --prompt_ids=1,2,3 instead.')
   ids = [run.tokenizer.encode(t) for t in texts]
-  for spec in _PROMPT_IDS.value:
+  for spec in FLAGS.prompt_ids:
     try:
       ids.append([int(x) for x in spec.split(',') if x.strip()])
     except ValueError:
@@ -109,22 +115,22 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --prompt=TEXT.')
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     _fail('No --workdir given. Pass the directory of a training run.')
   try:
-    for name, value, ok in (('max_new_tokens', _MAX_NEW.value, _MAX_NEW.value >= 1),
-                            ('temperature', _TEMPERATURE.value, _TEMPERATURE.value >= 0),
-                            ('top_p', _TOP_P.value, 0 < _TOP_P.value <= 1)):
+    for name, value, ok in (('max_new_tokens', FLAGS.max_new_tokens, FLAGS.max_new_tokens >= 1),
+                            ('temperature', FLAGS.temperature, FLAGS.temperature >= 0),
+                            ('top_p', FLAGS.top_p, 0 < FLAGS.top_p <= 1)):
       if not ok:
         raise UserError(f'--{name}={value} is out of range (max_new_tokens >= 1, '
                         'temperature >= 0, 0 < top_p <= 1).')
     from llm_jax import workdir  # pylint: disable=g-import-not-at-top
-    run = workdir.load(_WORKDIR.value, _STEP.value)
+    run = workdir.load(FLAGS.workdir, FLAGS.step)
     texts, prompts = _read_prompts(run)
-    kw = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-              top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     check_prompts(prompts, run.model_cfg.max_len, run.model_cfg.vocab_size)
-    if _STREAM.value:
+    if FLAGS.stream:
       for text, ids in zip(texts, prompts):
         _stream_one(run, text, ids, kw)
       return
@@ -159,4 +165,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=parse_flags)
