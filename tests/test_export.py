@@ -82,6 +82,7 @@ SAMPLING = [dict(temperature=0.0), dict(temperature=0.9, top_k=40, top_p=0.95, s
 
 
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
 @pytest.mark.parametrize('sampling', SAMPLING, ids=['greedy', 'sampled'])
 def test_both_loaders_return_the_tokens_of_generate(exported, loaded, sampling):
   run, _ = exported
@@ -104,6 +105,7 @@ def test_both_loaders_return_the_tokens_of_generate(exported, loaded, sampling):
       np.testing.assert_array_equal(np.asarray(got['counts']), want_counts)
 
 
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
 @pytest.mark.parametrize('sampling', SAMPLING, ids=['greedy', 'sampled'])
 def test_text_signature_returns_the_text_of_generate(exported, loaded, sampling):
