@@ -17,7 +17,8 @@ Signatures (README "Generation and export" documents them):
   ``temperature`` float32, ``top_k`` int32, ``top_p`` float32, ``seed``
   int32 -> ``tokens`` int32 [batch, W], ``counts`` int32 [batch].
 * ``generate_text``: ``text`` string [batch] and the same scalars ->
-  ``text`` string [batch] (the continuations), ``counts`` int32 [batch].
+  ``text`` string [batch] (the continuations), ``tokens`` int32 [batch, W]
+  and ``counts`` int32 [batch] as in ``serving_default``.
   SentencePiece runs inside the graph (tensorflow-text); the ``.model`` file
   is also in ``assets/tokenizer.model`` for clients that tokenize themselves.
 
@@ -78,6 +79,9 @@ def _define_flags() -> None:
                                       'below the context, and the context).')
   flags.DEFINE_list('platforms', list(PLATFORMS), 'Lower for these.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
+  flags.DEFINE_bool('text_signature', True, 'Add the generate_text signature '
+                    '(SentencePiece ops from tensorflow-text in the graph; a server '
+                    'must load them, see the README). --notext_signature: ids only.')
   flags.DEFINE_integer('eval_batches', 8, 'With --quantize=int8: '
                                        'validation batches for the perplexity check '
                                        '(0 skips it).')
@@ -314,7 +318,7 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
     # vocabulary) detokenize as unknown.
     known = (new.flat_values >= 0) & (new.flat_values < sp_vocab)
     new = new.with_flat_values(tf.where(known, new.flat_values, unk))
-    return {'text': sp.detokenize(new), 'counts': counts}
+    return {'text': sp.detokenize(new), 'tokens': out, 'counts': counts}
 
   # The tokenizer holds a TF resource: the module must track it.
   return sp, text
@@ -327,7 +331,7 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
            max_new_tokens: int = 128, batch_buckets: Sequence[int] = (1, 4, 8),
            prompt_buckets: Sequence[int] | None = None,
            platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
-           eval_batches: int = 8, log=print) -> dict:
+           eval_batches: int = 8, text_signature: bool = True, log=print) -> dict:
   """Writes the SavedModel of a run to ``out`` (whole or not at all).
 
   Returns:
@@ -353,7 +357,7 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   t0 = time.time()
   specs, arrays, treedef = flatten_params(run.params, quantize)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
-                    if run.tokenizer is not None else None)
+                    if run.tokenizer is not None and text_signature else None)
   module, signatures = _build_module(
       run, specs, arrays, treedef, width=width, platforms=platforms,
       prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path)
@@ -481,6 +485,7 @@ def main(argv) -> None:
            batch_buckets=_ints('batch_buckets', FLAGS.batch_buckets),
            prompt_buckets=_ints('prompt_buckets', FLAGS.prompt_buckets) or None,
            platforms=FLAGS.platforms, overwrite=FLAGS.overwrite,
+           text_signature=FLAGS.text_signature,
            eval_batches=FLAGS.eval_batches)
   except UserError as e:
     _fail(str(e))

@@ -13,38 +13,22 @@ import sys
 import numpy as np
 import pytest
 
-from llm_jax import configuration, decode, export, train, workdir as workdir_lib
+from llm_jax import decode, export
 from llm_jax.errors import UserError
 from llm_jax.tfhost import tf
 import tensorflow_text  # pylint: disable=unused-import  # Registers the SentencePiece ops.
 
-WIDTH = 12  # The export's static output width.
+WIDTH = 12  # The export's static output width (conftest.exported_tiny_run).
 PROMPTS = ['def main(', 'import os\nclass Thing:\n    def __init__(self', '', 'x']
 
 
-def _tiny_config(cache_dir):
-  c = configuration.load_preset('tiny')
-  c.data.cache_dir = str(cache_dir)
-  c.data.max_documents = 120
-  c.train.steps = 20
-  c.train.eval_every = 0
-  c.train.num_samples = 0
-  c.optim.warmup_steps = 2
-  c.checkpoint.every = 20
-  return c
-
-
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
+def exported(exported_tiny_run):
   """(run, SavedModel dir) of a 20-step tiny run exported for cpu, cuda, tpu."""
-  root = tmp_path_factory.mktemp('export')
-  run_dir = str(root / 'run')
-  train.run(_tiny_config(root / 'cache'), run_dir)
-  out = str(root / 'saved' / '1')
-  info = export.export(run_dir, out, max_new_tokens=WIDTH, batch_buckets=(1, 3),
-                       log=lambda *_: None)
+  run, out, info = exported_tiny_run
   assert info['platforms'] == ['cpu', 'cuda', 'tpu']
-  return workdir_lib.load(run_dir), out
+  assert info['max_new_tokens'] == WIDTH
+  return run, out
 
 
 class _Tf1Model:
