@@ -206,7 +206,7 @@ def warmup_requests(batch_buckets, prompt_buckets, max_len: int, fill_id: int):
 # ---- The TF module.
 
 
-def _build_module(run, specs, arrays, treedef, *, width: int,
+def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
                   platforms: Sequence[str], prompt_buckets: Sequence[int],
                   tokenizer_path: str | None):
   """A tf.Module with the parameter variables and both signature functions."""
@@ -215,7 +215,7 @@ def _build_module(run, specs, arrays, treedef, *, width: int,
   from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
 
   cfg = run.model_cfg
-  stop_ids, pad_id = decode.stop_ids(run), decode.pad_id_of(run)
+  pad_id = decode.pad_id_of(run)
 
   def jax_fn(flat, tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
     params = unflatten_params(specs, flat, treedef)
@@ -331,8 +331,13 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
            max_new_tokens: int = 128, batch_buckets: Sequence[int] = (1, 4, 8),
            prompt_buckets: Sequence[int] | None = None,
            platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
-           eval_batches: int = 8, text_signature: bool = True, log=print) -> dict:
+           eval_batches: int = 8, text_signature: bool = True,
+           stop_ids: Sequence[int] | None = None, log=print) -> dict:
   """Writes the SavedModel of a run to ``out`` (whole or not at all).
+
+  Args (besides the CLI's flags):
+    stop_ids: tokens that end a row (default: the tokenizer's end-of-text;
+      ``()`` makes every row run to ``max_new_tokens``, as the benchmark does).
 
   Returns:
     The export info (also in ``assets.extra/llm_jax_export.json``).
@@ -358,8 +363,10 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   specs, arrays, treedef = flatten_params(run.params, quantize)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
                     if run.tokenizer is not None and text_signature else None)
+  from llm_jax import decode  # pylint: disable=g-import-not-at-top
+  stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
   module, signatures = _build_module(
-      run, specs, arrays, treedef, width=width, platforms=platforms,
+      run, specs, arrays, treedef, width=width, platforms=platforms, stop_ids=stop_ids,
       prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path)
 
   parent = os.path.dirname(out)
@@ -371,7 +378,7 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
         'workdir': run.workdir, 'step': run.step, 'quantize': quantize,
         'max_new_tokens': width, 'max_len': cfg.max_len,
         'vocab_size': cfg.vocab_size, 'platforms': list(platforms),
-        'stop_ids': list(_stop(run)), 'batch_buckets': list(batch_buckets),
+        'stop_ids': list(stop_ids), 'batch_buckets': list(batch_buckets),
         'prompt_buckets': prompt_buckets,
         'signatures': ['serving_default'] + ([TEXT_SIGNATURE] if tokenizer_path else []),
         'param_bytes': int(sum(a.nbytes for a in arrays)),
@@ -403,13 +410,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
     log(f'int8: parameters {info["param_bytes"] / 2**20:.2f} MiB against '
         f'{info["param_bytes_float32"] / 2**20:.2f} MiB float32; validation '
         f'perplexity {p["float32"]:.3f} -> {p["int8"]:.3f} '
-        f'({100 * (p["int8"] / p["float32"] - 1):+.2f}%).')
+        f'({100 * (p["int8"] / p["float32"] - 1):+.3f}%).')
   return info
-
-
-def _stop(run):
-  from llm_jax import decode  # pylint: disable=g-import-not-at-top
-  return decode.stop_ids(run)
 
 
 def _swap_into_place(tmp: str, out: str) -> None:
