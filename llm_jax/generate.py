@@ -94,20 +94,27 @@ def _stream_one(run, text, ids, kw) -> None:
   got: list[int] = []
   shown = ['']
 
+  def emit(now: str) -> None:
+    # Print only what extends the text already shown; a piece whose UTF-8
+    # bytes are incomplete (byte fallback) decodes as U+FFFD until the rest
+    # arrives, so trailing replacement characters wait.
+    if now.startswith(shown[0]):
+      sys.stdout.write(now[len(shown[0]):])
+      sys.stdout.flush()
+      shown[0] = now
+
   def on_token(j, tokens_b, counts_b):
     if int(counts_b[0]) > int(j):
       got.append(int(tokens_b[0]))
-      # Decode the whole continuation: a piece may only print right once the
-      # bytes after it arrive (byte-fallback UTF-8).
-      now = _show(run, got) if run.tokenizer is not None else f' {got[-1]}'
-      if run.tokenizer is not None:
-        sys.stdout.write(now[len(shown[0]):] if now.startswith(shown[0]) else '')
-        shown[0] = now
+      if run.tokenizer is None:
+        sys.stdout.write(f' {got[-1]}')
+        sys.stdout.flush()
       else:
-        sys.stdout.write(now)
-      sys.stdout.flush()
+        emit(_show(run, got).rstrip('\ufffd'))
 
   generate_ids(run, [ids], on_token=on_token, **kw)
+  if run.tokenizer is not None:
+    emit(_show(run, got))
   sys.stdout.write('\n')
 
 
