@@ -21,11 +21,21 @@ STYLES = {
 EOS = 3
 
 
+def _make(style):
+  cfg = model.ModelConfig(**TINY, **STYLES[style])
+  return nnx.split(model.Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
 @pytest.fixture(scope='module', params=['llama', 'gpt2'])
 def lm(request):
-  cfg = model.ModelConfig(**TINY, **STYLES[request.param])
-  graphdef, params = nnx.split(model.Transformer(cfg, rngs=nnx.Rngs(0)))
-  return graphdef, params
+  """Both position schemes: the cache paths of rotary and learned positions."""
+  return _make(request.param)
+
+
+@pytest.fixture(scope='module')
+def llama():
+  """One style for the sampling and bookkeeping tests (each compile costs)."""
+  return _make('llama')
 
 
 def _decode(lm, prompts, *, width=8, max_new=8, temperature=0.0, top_k=0,
@@ -60,7 +70,8 @@ def test_left_padding_does_not_change_a_row(lm):
   assert _decode(lm, PROMPTS, temperature=1.0, seed=4, pad_to=14)[0] == sampled
 
 
-def test_seeded_sampling_is_reproducible_and_seeds_differ(lm):
+def test_seeded_sampling_is_reproducible_and_seeds_differ(llama):
+  lm = llama
   a = _decode(lm, PROMPTS, temperature=1.0, seed=1)[0]
   assert _decode(lm, PROMPTS, temperature=1.0, seed=1)[0] == a
   b = _decode(lm, PROMPTS, temperature=1.0, seed=2)[0]
@@ -68,7 +79,8 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(lm):
   assert a != _decode(lm, PROMPTS)[0]  # Sampling is not greedy here.
 
 
-def test_top_k_1_and_tiny_top_p_equal_greedy(lm):
+def test_top_k_1_and_tiny_top_p_equal_greedy(llama):
+  lm = llama
   greedy = _decode(lm, PROMPTS)[0]
   assert _decode(lm, PROMPTS, temperature=1.0, top_k=1, seed=3)[0] == greedy
   assert _decode(lm, PROMPTS, temperature=1.0, top_p=1e-6, seed=3)[0] == greedy
@@ -91,7 +103,8 @@ def test_top_k_keeps_samples_in_the_top_k():
       assert probs[r, order[r, :rank]].sum() < 0.5
 
 
-def test_stop_tokens_end_rows_and_counts(lm):
+def test_stop_tokens_end_rows_and_counts(llama):
+  lm = llama
   greedy, _, _ = _decode(lm, PROMPTS)
   # Make the third greedy token of row 0 a stop token: row 0 ends before it.
   stop = greedy[0][2]
@@ -103,7 +116,8 @@ def test_stop_tokens_end_rows_and_counts(lm):
     assert row == (full[:full.index(stop)] if stop in full else full)
 
 
-def test_max_new_tokens_is_a_runtime_limit_and_context_clamps(lm):
+def test_max_new_tokens_is_a_runtime_limit_and_context_clamps(llama):
+  lm = llama
   got, out, counts = _decode(lm, PROMPTS, max_new=3)
   assert counts.tolist() == [3, 3, 3] and (out[:, 3:] == 0).all()
   assert got == [r[:3] for r in _decode(lm, PROMPTS)[0]]
@@ -113,7 +127,8 @@ def test_max_new_tokens_is_a_runtime_limit_and_context_clamps(lm):
   assert counts.tolist() == [4, 10]
 
 
-def test_generate_helper_cuts_at_eos(lm):
+def test_generate_helper_cuts_at_eos(llama):
+  lm = llama
   graphdef, params = lm
   full = _decode(lm, PROMPTS)[0]
   got = decode.generate(graphdef, params, PROMPTS, max_new_tokens=8,
