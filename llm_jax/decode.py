@@ -122,21 +122,9 @@ def init_cache(cfg: model_lib.ModelConfig, batch, slots) -> list:
 # ---- Sampling.
 
 
-def sample(logits_BV, key, step, temperature, top_k, top_p):
-  """One token per row: greedy, or temperature / top-k / top-p sampling.
-
-  Args:
-    logits_BV: float32 logits.
-    key: the request's PRNG key (raw uint32 key data).
-    step: int scalar, the index of the token being drawn.
-    temperature, top_k, top_p: scalars, see the module docstring.
-
-  Returns:
-    int32 ``[B]`` token ids.
-  """
-  B, V = logits_BV.shape
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6).astype(jnp.float32)
+def _cut(scaled_BV, top_k, top_p):
+  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf."""
+  V = scaled_BV.shape[-1]
   # One descending sort serves both cuts; the kept set is every token whose
   # logit reaches a per-row threshold (ties at the threshold are kept).
   sorted_BV = -jnp.sort(-scaled_BV, axis=-1)
@@ -151,11 +139,37 @@ def sample(logits_BV, key, step, temperature, top_k, top_p):
                           | (jnp.arange(V) == 0))
   threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1,
                          keepdims=True)
-  cut_BV = jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf)
-  step_key = jax.random.fold_in(key, step)
-  keys_B = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(jnp.arange(B))
-  drawn_B = jax.vmap(jax.random.categorical)(keys_B, cut_BV).astype(jnp.int32)
-  return jnp.where(temperature <= 0, greedy_B, drawn_B)
+  return jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf)
+
+
+def sample(logits_BV, key, step, temperature, top_k, top_p):
+  """One token per row: greedy, or temperature / top-k / top-p sampling.
+
+  Args:
+    logits_BV: float32 logits.
+    key: the request's PRNG key (raw uint32 key data).
+    step: int scalar, the index of the token being drawn.
+    temperature, top_k, top_p: scalars, see the module docstring.
+
+  Returns:
+    int32 ``[B]`` token ids.
+  """
+  B = logits_BV.shape[0]
+
+  def greedy(logits_BV):
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+  def draw(logits_BV):
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6).astype(jnp.float32)
+    # The sort behind the cuts costs more than the rest of a small model's
+    # step on CPU: skip it when neither cut is asked for.
+    cut_BV = jax.lax.cond((top_k > 0) | (top_p < 1.0),
+                          lambda s: _cut(s, top_k, top_p), lambda s: s, scaled_BV)
+    step_key = jax.random.fold_in(key, step)
+    keys_B = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(jnp.arange(B))
+    return jax.vmap(jax.random.categorical)(keys_B, cut_BV).astype(jnp.int32)
+
+  return jax.lax.cond(temperature <= 0, greedy, draw, logits_BV)
 
 
 # ---- The whole request.
