@@ -90,14 +90,15 @@ def test_top_k_keeps_samples_in_the_top_k():
   logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
   top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
   key = jax.random.PRNGKey(0)
+  sample = jax.jit(decode.sample)  # One compile; eager dispatch is slow.
   for step in range(20):
-    drawn = np.asarray(decode.sample(logits, key, step, 1.0, 3, 1.0))
+    drawn = np.asarray(sample(logits, key, step, 1.0, 3, 1.0))
     assert all(d in top3[r] for r, d in enumerate(drawn))
   # top_p 0.5: only the tokens whose predecessors hold < 0.5 of the mass.
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   order = np.argsort(-probs, axis=-1)
   for step in range(20):
-    drawn = np.asarray(decode.sample(logits, key, step, 1.0, 0, 0.5))
+    drawn = np.asarray(sample(logits, key, step, 1.0, 0, 0.5))
     for r, d in enumerate(drawn):
       rank = list(order[r]).index(d)
       assert probs[r, order[r, :rank]].sum() < 0.5
