@@ -62,29 +62,30 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  """Defines the CLI's flags (only when run as a program: importing this
-  module as a library must not claim flag names other CLIs use)."""
+  """Defines the CLI's flags.
+
+  Only when run as a program: importing this module as a library (tests,
+  bench) must not claim flag names that other CLIs define too.
+  """
   flags.DEFINE_string('workdir', None, 'The run directory to export.')
-  flags.DEFINE_string('out', None, 'SavedModel directory to create, e.g. '
-                             'RUN/export/1 (TF Serving wants a numbered version).')
+  flags.DEFINE_string('out', None, 'SavedModel directory to create, e.g. RUN/export/1 '
+                      '(TF Serving wants a numbered version).')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
   flags.DEFINE_enum('quantize', 'none', ['none', 'int8'],
-                                'int8: weight-only, per-channel scales.')
-  flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most '
-                                  'new tokens a request can get (capped at the context).')
-  flags.DEFINE_list('batch_buckets', ['1', '4', '8'],
-                                     'Batch sizes to warm up.')
-  flags.DEFINE_list('prompt_buckets', [], 'Prompt widths to warm up and '
-                                      'to pad text prompts to (default: 16, 32, 64, ... '
-                                      'below the context, and the context).')
+                    'int8: weight-only, per-channel scales.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most new tokens a '
+                       'request can get (capped at the context).')
+  flags.DEFINE_list('batch_buckets', ['1', '4', '8'], 'Batch sizes to warm up.')
+  flags.DEFINE_list('prompt_buckets', [], 'Prompt widths to warm up and to pad text '
+                    'prompts to (default: 16, 32, 64, ... below the context, and '
+                    'the context).')
   flags.DEFINE_list('platforms', list(PLATFORMS), 'Lower for these.')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
   flags.DEFINE_bool('text_signature', True, 'Add the generate_text signature '
                     '(SentencePiece ops from tensorflow-text in the graph; a server '
                     'must load them, see the README). --notext_signature: ids only.')
-  flags.DEFINE_integer('eval_batches', 8, 'With --quantize=int8: '
-                                       'validation batches for the perplexity check '
-                                       '(0 skips it).')
+  flags.DEFINE_integer('eval_batches', 8, 'With --quantize=int8: validation batches '
+                       'for the perplexity check (0 skips it).')
 
 
 # ---- Parameters: flat leaves, optionally int8 with per-channel scales.

@@ -20,7 +20,6 @@ context (it must leave room for one new token) is an error, exit status 2.
 import sys
 
 from absl import app, flags, logging
-import numpy as np
 
 from llm_jax import decode
 from llm_jax.errors import UserError
@@ -29,22 +28,25 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  """Defines the CLI's flags (only when run as a program: importing this
-  module as a library must not claim flag names other CLIs use)."""
+  """Defines the CLI's flags.
+
+  Only when run as a program: importing this module as a library must not
+  claim flag names that other CLIs define too.
+  """
   flags.DEFINE_string('workdir', None, 'The run directory to load.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
   flags.DEFINE_multi_string('prompt', [], 'Prompt text; repeatable.')
   flags.DEFINE_string('prompts_file', None, 'File, one prompt a line.')
-  flags.DEFINE_multi_string('prompt_ids', [],
-                                          'A prompt as comma-separated token ids.')
+  flags.DEFINE_multi_string('prompt_ids', [], 'A prompt as comma-separated token ids.')
   flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.')
   flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
   flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens; 0: all.')
   flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much '
-                              'probability; 1: all.')
+                     'probability; 1: all.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed (same seed, same text).')
-  flags.DEFINE_bool('stream', False, 'Print tokens as they are generated '
-                              '(prompts run one at a time).')
+  flags.DEFINE_bool('stream', False, 'Print tokens as they are generated (prompts '
+                    'run one at a time).')
+
 
 # The library half lives in decode.py (export and bench use it without this
 # CLI's flags); these names are this module's public API too.
