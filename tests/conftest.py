@@ -35,6 +35,30 @@ def tiny_config(tmp_path):
   return make
 
 
+@pytest.fixture(scope='session')
+def exported_tiny_run(tmp_path_factory):
+  """(run, SavedModel dir, export info): a 20-step tiny run exported once.
+
+  Shared by tests/test_export.py and tests/test_go.py (output width 12, batch
+  buckets 1 and 3, lowered for cpu, cuda and tpu).
+  """
+  from llm_jax import configuration, export, train, workdir  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('export')
+  c = configuration.load_preset('tiny')
+  c.data.cache_dir = str(root / 'cache')
+  c.data.max_documents = 120
+  c.train.steps = 20
+  c.train.eval_every = 0
+  c.train.num_samples = 0
+  c.optim.warmup_steps = 2
+  c.checkpoint.every = 20
+  train.run(c, str(root / 'run'))
+  out = str(root / 'saved' / '1')
+  info = export.export(str(root / 'run'), out, max_new_tokens=12,
+                       batch_buckets=(1, 3), log=lambda *_: None)
+  return workdir.load(str(root / 'run')), out, info
+
+
 def stop_with_signal(proc, line_prefix: str, signum: int) -> tuple[int, str]:
   """Sends ``signum`` once a line starting ``line_prefix`` appears.
 

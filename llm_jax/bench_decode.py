@@ -1,0 +1,186 @@
+r"""Generation benchmark: JAX against the exported SavedModel, on this machine.
+
+    python -m llm_jax.bench_decode --workdir=runs/tiny [--batch=1,8]
+        [--prompt_len=32] [--max_new_tokens=64] [--repeats=3] [--json=OUT.json]
+
+(``python -m llm_jax.bench decode ...`` calls ``main`` with the same flags.)
+Exports the run twice (float32 and ``--quantize=int8``, lowered for cpu only)
+into a temporary directory, then times, per batch size, the same greedy
+requests through ``decode.decode_jit`` (jitted, compiled before timing) and
+through the SavedModel's ``serving_default`` (TF2 loader, warmed up):
+
+* prefill: a request with ``max_new_tokens=1`` (prefill plus one sample);
+* per-token latency: (full request - prefill) / (steps - 1);
+* tokens/s: new tokens of the whole batch / full request time.
+
+Stop tokens are off (the export is made with ``stop_ids=()``), so every row
+produces exactly ``max_new_tokens`` tokens in both. Prints a Markdown table,
+writes JSON. A measurement, not a test: figures vary with machine load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from llm_jax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m llm_jax.bench_decode',
+                              description=__doc__.split('\n\n')[0])
+  p.add_argument('--workdir', required=True, help='A training run to load and export.')
+  p.add_argument('--batch', default='1,8', help='Comma-separated batch sizes.')
+  p.add_argument('--prompt_len', type=int, default=32, help='Prompt tokens per row.')
+  p.add_argument('--max_new_tokens', type=int, default=64, help='New tokens per row.')
+  p.add_argument('--repeats', type=int, default=3, help='Timed runs (the best counts).')
+  p.add_argument('--json', default='', help='Write the results here too.')
+  return p
+
+
+def _best(fn, repeats: int) -> float:
+  """The fastest of ``repeats`` runs of ``fn`` (seconds); fn blocks."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def _measure(run_fn, batch: int, max_new: int, repeats: int) -> dict:
+  run_fn(1)  # Compile / warm up this shape (max_new_tokens is a runtime value).
+  run_fn(max_new)
+  prefill = _best(lambda: run_fn(1), repeats)
+  full = _best(lambda: run_fn(max_new), repeats)
+  return {'prefill_ms': 1000 * prefill,
+          'per_token_ms': 1000 * (full - prefill) / max(1, max_new - 1),
+          'tokens_per_sec': batch * max_new / full, 'request_s': full}
+
+
+def _export_sizes(run, tmp: str, width: int, log) -> dict:
+  """Exports float32 and int8 (cpu, no stop tokens); returns dirs and sizes."""
+  from llm_jax import export  # pylint: disable=g-import-not-at-top
+  result = {}
+  for quantize in ('none', 'int8'):
+    out = os.path.join(tmp, quantize)
+    # No stop tokens: every row runs the full width, as the JAX side does.
+    info = export.export(run.workdir, out, quantize=quantize, max_new_tokens=width,
+                         platforms=('cpu',), batch_buckets=(1,), eval_batches=4,
+                         stop_ids=(), log=log)
+    result[quantize] = {'dir': out, 'saved_model_bytes': info['saved_model_bytes'],
+                        'variables_bytes': export.dir_bytes(os.path.join(out, 'variables')),
+                        'param_bytes': info['param_bytes'],
+                        'perplexity': info.get('perplexity')}
+  return result
+
+
+def bench(workdir: str, batches: list[int], prompt_len: int, max_new: int,
+          repeats: int, log=print) -> dict:
+  """Runs the benchmark; returns the results dict (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from llm_jax import decode, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
+
+  run = workdir_lib.load(workdir)
+  cfg = run.model_cfg
+  if prompt_len + max_new > cfg.max_len:
+    raise UserError(f'--prompt_len={prompt_len} plus --max_new_tokens={max_new} exceed '
+                    f'the context max_len={cfg.max_len}; lower one of them.')
+  results = {'workdir': run.workdir, 'step': run.step, 'prompt_len': prompt_len,
+             'max_new_tokens': max_new, 'params': cfg.num_params(),
+             'machine': f'{platform.node()}: {os.cpu_count()} CPU cores, '
+                        f'{platform.processor() or platform.machine()}',
+             'jax': jax.__version__, 'tensorflow': tf.__version__, 'rows': []}
+  with tempfile.TemporaryDirectory() as tmp:
+    exports = _export_sizes(run, tmp, max_new, log)
+    results['sizes'] = {k: {kk: vv for kk, vv in v.items() if kk != 'dir'}
+                        for k, v in exports.items()}
+    models = {k: tf.saved_model.load(v['dir']).signatures['serving_default']
+              for k, v in exports.items()}
+    rng = np.random.default_rng(0)
+    for batch in batches:
+      tokens = rng.integers(4, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
+      lengths = np.full((batch,), prompt_len, np.int32)
+
+      def jax_fn(n, tokens=tokens, lengths=lengths):
+        out = decode.decode_jit(run.params, tokens, lengths, np.int32(n), np.float32(0),
+                                np.int32(0), np.float32(1), np.int32(0),
+                                graphdef=run.graphdef, width=max_new, stop_ids=(),
+                                pad_id=0)
+        jax.block_until_ready(out)
+
+      def tf_fn(n, sig, tokens=tokens, lengths=lengths):
+        out = sig(tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+                  max_new_tokens=tf.constant(n, tf.int32),
+                  temperature=tf.constant(0.0), top_k=tf.constant(0),
+                  top_p=tf.constant(1.0), seed=tf.constant(0))
+        out['tokens'].numpy()
+
+      for name, fn in (('JAX (jit)', jax_fn),
+                       ('SavedModel float32', lambda n: tf_fn(n, models['none'])),
+                       ('SavedModel int8', lambda n: tf_fn(n, models['int8']))):
+        row = {'engine': name, 'batch': batch, **_measure(fn, batch, max_new, repeats)}
+        results['rows'].append(row)
+        log(f'{name:20s} batch {batch}: {row["tokens_per_sec"]:8.1f} tokens/s')
+  return results
+
+
+def markdown(r: dict) -> str:
+  """The results as a Markdown table plus the sizes."""
+  lines = [f'Model: {r["params"]:,} parameters, prompt {r["prompt_len"]} tokens, '
+           f'{r["max_new_tokens"]} new tokens per row, greedy; {r["machine"]}; '
+           f'jax {r["jax"]}, tensorflow {r["tensorflow"]}.', '',
+           '| engine | batch | prefill (ms) | per token (ms) | tokens/s |',
+           '| --- | ---: | ---: | ---: | ---: |']
+  for row in r['rows']:
+    lines.append(f'| {row["engine"]} | {row["batch"]} | {row["prefill_ms"]:.1f} | '
+                 f'{row["per_token_ms"]:.2f} | {row["tokens_per_sec"]:.0f} |')
+  s = r['sizes']
+  lines += ['', '| SavedModel | total size | variables/ |', '| --- | ---: | ---: |']
+  for name, key in (('float32', 'none'), ('int8', 'int8')):
+    lines.append(f'| {name} | {s[key]["saved_model_bytes"] / 2**20:.2f} MiB | '
+                 f'{s[key]["variables_bytes"] / 2**20:.2f} MiB |')
+  ppl = s['int8'].get('perplexity')
+  if ppl:
+    lines += ['', f'int8 validation perplexity: {ppl["float32"]:.3f} (float32) -> '
+              f'{ppl["int8"]:.3f} (int8), {100 * (ppl["int8"] / ppl["float32"] - 1):+.3f}% '
+              f'over {ppl["tokens"]:,} tokens.']
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  """``python -m llm_jax.bench_decode`` (argv without the program name)."""
+  try:
+    args = _parser().parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
+  try:
+    try:
+      batches = [int(b) for b in args.batch.split(',') if b]
+    except ValueError:
+      raise UserError(f'--batch={args.batch} must be comma-separated integers.') from None
+    if not batches or min(batches) < 1 or args.max_new_tokens < 2 or args.repeats < 1:
+      raise UserError('--batch values, --repeats must be >= 1 and --max_new_tokens >= 2.')
+    r = bench(args.workdir, batches, args.prompt_len, args.max_new_tokens, args.repeats,
+              log=lambda m: print(m, file=sys.stderr, flush=True))
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    return 2
+  print(markdown(r), flush=True)
+  if args.json:
+    tmp = args.json + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(r, f, indent=2)
+    os.replace(tmp, args.json)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

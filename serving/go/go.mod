@@ -1,0 +1,3 @@
+module llmjax/serving
+
+go 1.19

@@ -1,0 +1,262 @@
+"""Tests of llm_jax/export.py: the SavedModel returns what llm_jax.generate returns.
+
+One tiny run is trained and exported once for the module; the SavedModel is
+read back with TF2's ``tf.saved_model.load`` and with the TF1 session loader
+(the path TF Serving, C and Go take).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llm_jax import decode, export
+from llm_jax.errors import UserError
+from llm_jax.tfhost import tf
+import tensorflow_text  # pylint: disable=unused-import  # Registers the SentencePiece ops.
+
+WIDTH = 12  # The export's static output width (conftest.exported_tiny_run).
+PROMPTS = ['def main(', 'import os\nclass Thing:\n    def __init__(self', '', 'x']
+
+
+@pytest.fixture(scope='module')
+def exported(exported_tiny_run):
+  """(run, SavedModel dir) of a 20-step tiny run exported for cpu, cuda, tpu."""
+  run, out, info = exported_tiny_run
+  assert info['platforms'] == ['cpu', 'cuda', 'tpu']
+  assert info['max_new_tokens'] == WIDTH
+  return run, out
+
+
+class _Tf1Model:
+  """A SavedModel in a TF1 Graph/Session, run by tensor names as TF Serving does."""
+
+  def __init__(self, export_dir):
+    self.graph = tf.Graph()
+    self.sess = tf.compat.v1.Session(graph=self.graph)
+    with self.graph.as_default():
+      meta = tf.compat.v1.saved_model.loader.load(self.sess, ['serve'], export_dir)
+    self.signatures = meta.signature_def
+
+  def __call__(self, signature, **feeds):
+    sig = self.signatures[signature]
+    names = sorted(sig.outputs)
+    values = self.sess.run([sig.outputs[n].name for n in names],
+                           {sig.inputs[k].name: v for k, v in feeds.items()})
+    return dict(zip(names, values))
+
+
+@pytest.fixture(scope='module')
+def loaded(exported):
+  _, out = exported
+  tf1 = _Tf1Model(out)
+  yield tf.saved_model.load(out), tf1
+  tf1.sess.close()
+
+
+def _scalars(max_new=WIDTH, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+  return dict(max_new_tokens=np.int32(max_new), temperature=np.float32(temperature),
+              top_k=np.int32(top_k), top_p=np.float32(top_p), seed=np.int32(seed))
+
+
+SAMPLING = [dict(temperature=0.0), dict(temperature=0.9, top_k=40, top_p=0.95, seed=7)]
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+@pytest.mark.parametrize('sampling', SAMPLING, ids=['greedy', 'sampled'])
+def test_both_loaders_return_the_tokens_of_generate(exported, loaded, sampling):
+  run, _ = exported
+  tf2, tf1 = loaded
+  ids = [run.tokenizer.encode(p) or [run.tokenizer.eos_id] for p in PROMPTS]
+  grid = [(ids[:1], 16), (ids[1:2], 32), (ids[:3], 16), (ids[:3], 32)]
+  for prompts, prompt_width in grid:
+    want_tokens, want_counts = decode.generate_for_run(
+        run, prompts, max_new_tokens=10, width=WIDTH, prompt_width=prompt_width,
+        **sampling)
+    assert want_counts.max() > 0
+    tokens, lengths = decode.left_pad(prompts, prompt_width, 0)
+    scalars = _scalars(max_new=10, **sampling)
+    got2 = tf2.signatures['serving_default'](
+        tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+        **{k: tf.constant(v) for k, v in scalars.items()})
+    got1 = tf1('serving_default', tokens=tokens, lengths=lengths, **scalars)
+    for got in (got2, got1):
+      np.testing.assert_array_equal(np.asarray(got['tokens']), want_tokens)
+      np.testing.assert_array_equal(np.asarray(got['counts']), want_counts)
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+@pytest.mark.parametrize('sampling', SAMPLING, ids=['greedy', 'sampled'])
+def test_text_signature_returns_the_text_of_generate(exported, loaded, sampling):
+  run, _ = exported
+  tf2, tf1 = loaded
+  tok = run.tokenizer
+  ids = [tok.encode(p) or [tok.eos_id] for p in PROMPTS]
+  want_tokens, want_counts = decode.generate_for_run(
+      run, ids, max_new_tokens=WIDTH, width=WIDTH, **sampling)
+  want = [tok.decode(row[:n]) for row, n in zip(want_tokens, want_counts)]
+  scalars = _scalars(**sampling)
+  got2 = tf2.signatures[export.TEXT_SIGNATURE](
+      text=tf.constant(PROMPTS), **{k: tf.constant(v) for k, v in scalars.items()})
+  got1 = tf1(export.TEXT_SIGNATURE, text=np.array(PROMPTS, dtype=object), **scalars)
+  for got in (got2, got1):
+    assert [t.decode() for t in np.asarray(got['text'])] == want
+    np.testing.assert_array_equal(np.asarray(got['counts']), want_counts)
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_bad_requests_are_errors_not_garbage(exported, loaded):
+  run, _ = exported
+  tf2, tf1 = loaded
+  max_len, vocab = run.model_cfg.max_len, run.model_cfg.vocab_size
+  too_long = np.full((1, max_len), 5, np.int32)
+  bad = [
+      (too_long, np.array([max_len], np.int32), 'longer than the model context'),
+      (np.array([[5, vocab]], np.int32), np.array([2], np.int32), 'outside the vocabulary'),
+      (np.array([[5, -1]], np.int32), np.array([2], np.int32), 'below 0'),
+      (np.array([[5, 6]], np.int32), np.array([3], np.int32), 'exceeds the prompt width'),
+      (np.array([[5, 6]], np.int32), np.array([0], np.int32), 'at least one token'),
+  ]
+  for tokens, lengths, message in bad:
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+      tf2.signatures['serving_default'](
+          tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+          **{k: tf.constant(v) for k, v in _scalars().items()})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+      tf1('serving_default', tokens=tokens, lengths=lengths, **_scalars())
+  text = ' '.join(map(str, range(max_len)))  # Digits split: > max_len tokens.
+  with pytest.raises(tf.errors.InvalidArgumentError, match='longer than the model'):
+    tf1(export.TEXT_SIGNATURE, text=np.array([text], dtype=object), **_scalars())
+
+
+def _parse_fields(data: bytes) -> list[tuple[int, bytes]]:
+  """Length-delimited fields of a protobuf message (all this test needs)."""
+  fields, i = [], 0
+
+  def varint():
+    nonlocal i
+    shift = value = 0
+    while True:
+      byte = data[i]
+      i += 1
+      value |= (byte & 0x7F) << shift
+      shift += 7
+      if byte < 0x80:
+        return value
+
+  while i < len(data):
+    key = varint()
+    assert key & 7 == 2, key
+    n = varint()
+    fields.append((key >> 3, data[i:i + n]))
+    i += n
+  return fields
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_warmup_requests_parse_and_run(exported, loaded):
+  run, out = exported
+  _, tf1 = loaded
+  path = os.path.join(out, 'assets.extra', export.WARMUP_FILE)
+  records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+  seen = []
+  for record in records:
+    (number, predict_log), = _parse_fields(record)
+    assert number == 6  # PredictionLog.predict_log
+    (number, request), = _parse_fields(predict_log)
+    assert number == 1  # PredictLog.request
+    fields = _parse_fields(request)
+    (signature,) = [dict(_parse_fields(v))[3].decode() for k, v in fields if k == 1]
+    inputs = {}
+    for k, v in fields:
+      if k == 2:
+        entry = dict(_parse_fields(v))
+        proto = tf.make_tensor_proto(0)
+        proto.ParseFromString(entry[2])
+        inputs[entry[1].decode()] = tf.make_ndarray(proto)
+    seen.append((signature, (inputs['tokens'] if 'tokens' in inputs else inputs['text']).shape))
+    tf1(signature, **inputs)  # TF Serving runs each at load time.
+  prompt_buckets = export.default_prompt_buckets(run.model_cfg.max_len)
+  assert seen == ([('serving_default', (b, p)) for b in (1, 3) for p in prompt_buckets]
+                  + [(export.TEXT_SIGNATURE, (b,)) for b in (1, 3)])
+  try:
+    from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  log = prediction_log_pb2.PredictionLog.FromString(records[0])
+  assert log.predict_log.request.model_spec.signature_name == 'serving_default'
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_export_layout_and_info(exported):
+  run, out = exported
+  assert os.path.exists(os.path.join(out, 'assets', 'tokenizer.model'))
+  with open(os.path.join(out, 'assets', 'tokenizer.model'), 'rb') as f:
+    assert f.read() == run.tokenizer.model_bytes
+  with open(os.path.join(out, 'assets.extra', export.INFO_FILE)) as f:
+    info = json.load(f)
+  assert info['max_new_tokens'] == WIDTH and info['step'] == run.step
+  # Nothing half-written is left beside the export.
+  assert os.listdir(os.path.dirname(out)) == ['1']
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_int8_export_is_smaller_and_close(exported, tmp_path):
+  run, out = exported
+  q_out = str(tmp_path / 'int8')
+  info = export.export(run.workdir, q_out, quantize='int8', max_new_tokens=WIDTH,
+                       platforms=('cpu',), batch_buckets=(1,), eval_batches=2,
+                       log=lambda *_: None)
+  assert info['param_bytes'] < 0.3 * info['param_bytes_float32']
+  assert export.dir_bytes(os.path.join(q_out, 'variables')) < 0.4 * export.dir_bytes(
+      os.path.join(out, 'variables'))
+  ppl = info['perplexity']
+  assert abs(ppl['int8'] / ppl['float32'] - 1) < 0.05, ppl
+  # The in-graph dequantisation gives the tokens of the dequantised JAX params.
+  specs, arrays, treedef = export.flatten_params(run.params, 'int8')
+  deq = export.unflatten_params(specs, arrays, treedef)
+  prompts = [run.tokenizer.encode('def main(')]
+  want = decode.decode_jit(deq, *decode.left_pad(prompts, 16, 0), 8, 0.0, 0, 1.0, 0,
+                           graphdef=run.graphdef, width=WIDTH,
+                           stop_ids=decode.stop_ids(run), pad_id=0)
+  tokens, lengths = decode.left_pad(prompts, 16, 0)
+  got = tf.saved_model.load(q_out).signatures['serving_default'](
+      tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+      **{k: tf.constant(v) for k, v in _scalars(max_new=8).items()})
+  np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path):
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  with pytest.raises(UserError, match='no complete checkpoint'):
+    export.export(str(tmp_path / 'run'), str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'llm_jax.export', f'--workdir={tmp_path / "run"}',
+       f'--out={tmp_path / "out"}'], capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': os.getcwd()})
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
+  assert 'no complete checkpoint' in proc.stderr
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
+  run, _ = exported
+
+  def broken_save(module, path, signatures=None):
+    del module, signatures
+    with open(os.path.join(path, 'saved_model.pb'), 'wb') as f:
+      f.write(b'half')
+    raise OSError('disk full')
+
+  monkeypatch.setattr(tf.saved_model, 'save', broken_save)
+  with pytest.raises(OSError, match='disk full'):
+    export.export(run.workdir, str(tmp_path / 'out' / '1'), log=lambda *_: None)
+  assert os.listdir(tmp_path / 'out') == []
