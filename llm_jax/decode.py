@@ -61,7 +61,8 @@ def _embed(model, tokens_BT, positions_BT):
   if model.pos_embed is not None:
     return x_BTD + model.pos_embed(positions_BT), None
   return x_BTD, model_lib.rope_tables(positions_BT, model.cfg.head_dim,
-                                      model.cfg.rope_theta)
+                                      model.cfg.rope_theta,
+                                      scaling_factor=model.cfg.rope_scaling_factor)
 
 
 def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):

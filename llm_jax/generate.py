@@ -11,6 +11,8 @@ Flags:
   --prompt_ids=1,2,3     a prompt as token ids (runs without a tokenizer).
   --max_new_tokens, --temperature (0: greedy), --top_k (0: off),
   --top_p (1: off), --seed, --stream (print tokens as they come).
+  --fill_mask            an encoder run: rank completions for <mask> in
+                         --text=... (the flags of ``python -m llm_jax.fill_mask``).
 
 All prompts run as one left-padded batch through ``decode.decode_jit`` (the
 function the SavedModel export wraps); a prompt that does not fit the model's
@@ -174,5 +176,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == '__main__':
+  if '--fill_mask' in sys.argv[1:]:
+    # Encoders: rank completions for <mask> (llm_jax/fill_mask.py has the flags).
+    from llm_jax import fill_mask  # pylint: disable=g-import-not-at-top
+    fill_mask.main([a for a in sys.argv[1:] if a != '--fill_mask'])
+    sys.exit(0)
   _define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -196,10 +196,11 @@ def test_fill_mask_cli_help_and_bad_input(tmp_path):
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': root}
-  ok = subprocess.run([sys.executable, '-m', 'llm_jax.fill_mask', '--help'],
+  ok = subprocess.run([sys.executable, '-m', 'llm_jax.generate', '--fill_mask', '--help'],
                       capture_output=True, text=True, env=env, cwd=root, timeout=120)
   assert ok.returncode == 0 and '--candidates' in ok.stdout
-  bad = subprocess.run([sys.executable, '-m', 'llm_jax.fill_mask', f'--workdir={tmp_path}',
+  bad = subprocess.run([sys.executable, '-m', 'llm_jax.generate', '--fill_mask',
+                        f'--workdir={tmp_path}',
                         '--text=a <mask>'], capture_output=True, text=True, env=env,
                        cwd=root, timeout=120)
   assert bad.returncode == 2 and 'no config.json' in bad.stderr
