@@ -65,6 +65,8 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# Kernels behind one signature (llm_jax/attention.py); 'auto' picks per platform.
+ATTENTION_BACKENDS = ('xla', 'cudnn', 'splash', 'auto')
 _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
                   'head_dim', 'mlp_dim')
 _POSITIVE_FLOATS = ('rope_theta', 'norm_eps', 'init_std')
@@ -97,6 +99,8 @@ class ModelConfig:
   dtype: str
   init_std: float
   remat: str = 'none'
+  scan_layers: bool = False
+  attention: str = 'xla'
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -123,8 +127,13 @@ class ModelConfig:
       raise UserError(f'model.kind={model_cfg.kind!r} is not supported yet; '
                       "use 'decoder'")
     names = [f.name for f in dataclasses.fields(cls)]
+    # A field with a default may be absent from a config written before the
+    # key existed (an older run's config.json): it then takes the default.
+    optional = {f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
     values = {n: model_cfg[n] for n in names if n not in ('vocab_size',
-                                                         'max_len')}
+                                                         'max_len')
+              and (n in model_cfg or n not in optional)}
     return cls(vocab_size=vocab_size, max_len=max_len, **values)
 
   @property
@@ -178,11 +187,14 @@ def _validate(cfg: ModelConfig) -> None:
       raise UserError(f'model.{name}={value!r} must be a positive number')
   for name, valid in (('norm', NORMS), ('position', POSITIONS),
                       ('mlp', MLPS), ('dtype', DTYPES),
-                      ('remat', tuple(REMAT_POLICIES))):
+                      ('remat', tuple(REMAT_POLICIES)),
+                      ('attention', ATTENTION_BACKENDS)):
     value = getattr(cfg, name)
     if value not in valid:
       raise UserError(f'model.{name}={value!r} is not one of '
                       f'{", ".join(map(repr, valid))}; pick one of them')
+  if not isinstance(cfg.scan_layers, bool):
+    raise UserError(f'model.scan_layers={cfg.scan_layers!r} must be True or False')
   if cfg.num_heads % cfg.num_kv_heads:
     divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
     raise UserError(
@@ -390,6 +402,7 @@ class Attention(nnx.Module):
     # GPT-2's residual scaling: 2 residual adds per layer feed the stream.
     self.o = Dense((N, H), (D,), ('heads', 'head_dim', 'embed'),
                    std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
+    self.backend = cfg.attention
 
   def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
                mask_BTS: jax.Array) -> jax.Array:
@@ -397,7 +410,12 @@ class Attention(nnx.Module):
     q_BTNH, k_BTKH, v_BTKH = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if rope is not None:
       q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
-    return self.o(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+    if self.backend == 'xla':
+      return self.o(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+    # Other kernels (cuDNN, splash) behind the same signature.
+    from llm_jax import attention  # pylint: disable=g-import-not-at-top
+    return self.o(attention.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS,
+                                   backend=self.backend))
 
 
 # ---- MLP, block, model.
@@ -451,8 +469,13 @@ class Transformer(nnx.Module):
                       if cfg.position == 'learned' else None)
     # nnx.List, not a plain list: flax 0.12 refuses modules in a plain list
     # attribute; nnx.List puts them in the state as blocks/0, blocks/1, ...
-    self.blocks = nnx.List([Block(cfg, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      # One Block whose parameters carry a leading 'layers' axis; __call__
+      # runs it under lax.scan (see stack_blocks for the layout).
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs)
+                              for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg)
     # Logits stay float32 as they leave the matmul, never rounded to bf16:
     # better for the loss, and on XLA:CPU the step was ~10% faster than with
@@ -463,7 +486,8 @@ class Transformer(nnx.Module):
         out_dtype=jnp.float32)
 
   def __call__(self, tokens_BT: jax.Array,
-               positions_BT: jax.Array | None = None) -> jax.Array:
+               positions_BT: jax.Array | None = None, *,
+               return_hidden: bool = False) -> jax.Array:
     """Returns float32 next-token logits ``[B, T, V]`` under causal attention.
 
     Args:
@@ -472,6 +496,9 @@ class Transformer(nnx.Module):
         table); defaults to ``0..T-1`` in every row. A decoder with left
         padding or packed sequences passes its own. Values must be below
         ``max_len`` for learned positions.
+      return_hidden: return the final-normed hidden states ``[B, T, D]``
+        (compute dtype) instead of logits, for a loss that applies the LM
+        head itself in chunks (``lm_head_DV``).
     """
     B, T = tokens_BT.shape
     if T > self.cfg.max_len:
@@ -485,7 +512,9 @@ class Transformer(nnx.Module):
     else:
       rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
     mask_BTS = causal_mask(T)
-    for block in self.blocks:
+    if self.cfg.scan_layers:
+      x_BTD = self._scan_blocks(x_BTD, rope, mask_BTS)
+    for block in ([] if self.cfg.scan_layers else self.blocks):
       if self.cfg.remat == 'none':
         x_BTD = block(x_BTD, rope, mask_BTS)
       else:
@@ -494,8 +523,67 @@ class Transformer(nnx.Module):
         x_BTD = nnx.remat(lambda blk, x: blk(x, rope, mask_BTS),
                           policy=REMAT_POLICIES[self.cfg.remat])(block, x_BTD)
     x_BTD = self.final_norm(x_BTD)
+    if return_hidden:
+      return x_BTD
     if self.lm_head is None:
       logits_BTV = self.embed.attend(x_BTD)
     else:
       logits_BTV = self.lm_head(x_BTD)
     return logits_BTV.astype(jnp.float32)
+
+  def lm_head_DV(self) -> jax.Array:
+    """The LM head as a ``[D, V]`` matrix in the compute dtype (tied: the table)."""
+    if self.lm_head is None:
+      return self.embed.table[...].astype(self.cfg.compute_dtype).T
+    return self.lm_head.kernel[...].astype(self.cfg.compute_dtype)
+
+  def _scan_blocks(self, x_BTD: jax.Array, rope, mask_BTS: jax.Array) -> jax.Array:
+    """Runs the stacked blocks as one ``lax.scan``: one block body to compile."""
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x_BTD, layer):
+      return nnx.merge(graphdef, layer)(x_BTD, rope, mask_BTS), None
+
+    if self.cfg.remat != 'none':
+      # As unrolled: each layer keeps (about) its input for the backward pass.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
+                            prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+    return x_BTD
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """``num_layers`` Blocks as one, each parameter stacked on a 'layers' axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return Block(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+def stack_blocks(params: dict) -> dict:
+  """Unrolled params (``blocks/0/...``, ``blocks/1/...``) to the scanned layout.
+
+  Args:
+    params: a pure dict of parameters of a ``scan_layers=False`` model.
+
+  Returns:
+    The same dict with ``blocks`` one tree whose leaves are stacked along a new
+    leading axis (layer 0 first), as a ``scan_layers=True`` model holds them.
+  """
+  blocks = params['blocks']
+  layers = [blocks[i] for i in sorted(blocks, key=int)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, 'blocks': stacked}
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The scanned layout back to ``blocks/0/...``: the inverse of ``stack_blocks``."""
+  stacked = params['blocks']
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked)
+            for i in range(num_layers)}
+  return {**params, 'blocks': blocks}

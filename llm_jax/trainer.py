@@ -22,6 +22,7 @@ import optax
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import decode, metrics, optim, sharding
+from llm_jax import loss as loss_lib
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 
@@ -41,16 +42,24 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array):
   return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
 
 
-def _loss_fn(params, batch, graphdef):
+def _loss_fn(params, batch, graphdef, loss_chunk: int = 0):
+  if loss_chunk:
+    # The LM head is applied chunk by chunk inside the loss (train.loss_chunk).
+    model = nnx.merge(graphdef, params)
+    loss_sum, count = loss_lib.chunked_cross_entropy(
+        model(batch['inputs'], return_hidden=True), model.lm_head_DV(),
+        batch['targets'], batch.get('weights'), chunk=loss_chunk)
+    return loss_sum / count, loss_sum
   logits_BTV = nnx.merge(graphdef, params)(batch['inputs'])
   loss_sum, count = cross_entropy(logits_BTV, batch['targets'])
   return loss_sum / count, loss_sum
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
-               accum_steps: int) -> tuple[TrainState, dict]:
+               accum_steps: int, loss_chunk: int = 0) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch, accumulating micro-batch grads."""
-  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(
+      functools.partial(_loss_fn, loss_chunk=loss_chunk), has_aux=True)
   if accum_steps == 1:
     (loss, _), grads = grad_fn(state.params, batch, graphdef)
   else:
@@ -83,9 +92,9 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
                      'lr': schedule(state.step), 'finite': finite}
 
 
-def eval_step(params, batch: dict, *, graphdef) -> dict:
+def eval_step(params, batch: dict, *, graphdef, loss_chunk: int = 0) -> dict:
   """Summed validation loss and token count of one batch."""
-  _, loss_sum = _loss_fn(params, batch, graphdef)
+  _, loss_sum = _loss_fn(params, batch, graphdef, loss_chunk)
   return {'loss_sum': loss_sum,
           'count': jnp.asarray(batch['targets'].size, jnp.float32)}
 
@@ -136,14 +145,16 @@ class Trainer:
         opt_state=sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh))
     batch_shard = sharding.batch_sharding(mesh, rules)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                             accum_steps=config.optim.grad_accum_steps)
+                             accum_steps=config.optim.grad_accum_steps,
+                             loss_chunk=config.train.loss_chunk)
     return cls(
         config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
         schedule=schedule, state_shardings=state_shardings, batch_sharding=batch_shard,
         init_fn=jax.jit(init_fn, out_shardings=state_shardings),
         step_fn=jax.jit(step, in_shardings=(state_shardings, batch_shard),
                         out_shardings=(state_shardings, rep), donate_argnums=0),
-        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef),
+        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                          loss_chunk=config.train.loss_chunk),
                         in_shardings=(p_shard, batch_shard), out_shardings=rep))
 
   def abstract_state(self) -> TrainState:
