@@ -114,6 +114,15 @@ def get_config() -> ml_collections.ConfigDict:
   # matched against paths such as 'blocks/0/attn/q' (a pattern also matches
   # any path it ends: 'attn/q' covers every layer's query projection).
   c.lora.targets = 'attn/q,attn/k,attn/v,attn/o'
+  # Run the blocks as one lax.scan over stacked parameters (params then live
+  # under blocks/<name> with a leading 'layers' axis): compile time no longer
+  # grows with depth. The big presets turn it on; small models step faster
+  # unrolled.
+  c.model.scan_layers = False
+  # Attention kernel: 'xla' (plain einsums, any device), 'cudnn' (flash
+  # attention through jax.nn.dot_product_attention, NVIDIA GPUs), 'splash'
+  # (Pallas splash attention, TPUs) or 'auto' (the best the platform has).
+  c.model.attention = 'xla'
 
   # ---- Optimizer: AdamW, linear warmup then cosine decay.
   c.optim = ml_collections.ConfigDict()
@@ -126,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.1  # Decoupled decay on matrices (not norms/biases).
   c.optim.clip_norm = 1.0  # Global-norm gradient clipping (0: off).
   c.optim.grad_accum_steps = 1  # Micro-batches summed per optimizer update.
+  # dtype of the Adam moments: 'float32', or 'bfloat16' to halve their memory
+  # (the update itself is computed in float32).
+  c.optim.state_dtype = 'float32'
 
   # ---- Training loop.
   c.train = ml_collections.ConfigDict()
@@ -154,6 +166,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (for queues with time limits). 0: run to train.steps.
   c.train.stop_at = 0
   c.train.compile_cache = True  # Reuse compiled steps from <workdir>/xla_cache.
+  # Cross-entropy over chunks of this many positions (0: all at once). Each
+  # chunk's logits are recomputed in the backward pass, so the full float32
+  # [batch, seq, vocab] logits never exist: large vocabularies fit.
+  c.train.loss_chunk = 0
 
   # ---- Devices: a mesh of (data, fsdp, tensor); one -1 fills the devices.
   c.mesh = ml_collections.ConfigDict()
@@ -171,6 +187,7 @@ def get_config() -> ml_collections.ConfigDict:
       ('kv_heads', 'tensor'),
       ('head_dim', None),
       ('norm', None),
+      ('layers', None),  # The stacked axis of scanned blocks.
   )
 
   # ---- Checkpoints (Orbax) under <workdir>/checkpoints.

@@ -37,6 +37,7 @@ def get_config(machine: str = 'h100x8'):
   c.model.tie_embeddings = True
   c.model.norm_eps = 1e-5
   c.model.remat = 'full'  # Recompute each block in the backward pass.
+  c.model.scan_layers = True  # One block body to compile, whatever the depth.
   c.optim.learning_rate = 6e-4
   c.optim.warmup_steps = 700
   c.train.steps = 19_000

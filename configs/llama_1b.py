@@ -34,6 +34,7 @@ def get_config(machine: str = 'h100x8'):
   c.model.norm_eps = 1e-5
   c.model.tie_embeddings = True
   c.model.remat = 'full'  # Recompute each block in the backward pass.
+  c.model.scan_layers = True  # One block body to compile, whatever the depth.
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 2000
   c.train.steps = 20_000

@@ -34,6 +34,7 @@ def get_config(machine: str = 'v5p-32'):
   c.model.rope_theta = 500_000.0
   c.model.norm_eps = 1e-5
   c.model.remat = 'full'  # Recompute each block in the backward pass.
+  c.model.scan_layers = True  # One block body to compile, whatever the depth.
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 2000
   c.train.steps = 100_000

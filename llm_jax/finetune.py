@@ -19,7 +19,7 @@ import numpy as np
 from llm_jax.errors import UserError
 
 # Model keys that change how the model computes, never its function or shapes.
-_COMPUTE_ONLY = ('dtype', 'remat')
+_COMPUTE_ONLY = ('dtype', 'remat', 'attention', 'scan_layers')
 
 
 def resolve(init_from: str) -> tuple[str, int | None]:
@@ -100,10 +100,14 @@ def init_state(trainer, init_from: str):
   from llm_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir, step = resolve(init_from)
   run = workdir_lib.load(workdir, step)
-  source = convert.flatten_params(run.params)
-  if any('/lora_' in k for k in source):
+  params = run.params  # Unrolled blocks: workdir.load unstacks a scanned run.
+  if any('/lora_' in k for k in convert.flatten_params(params)):
     from llm_jax import lora  # pylint: disable=g-import-not-at-top
-    source = convert.flatten_params(lora.merge(run.params, run.config.lora))
+    params = lora.merge(params, run.config.lora)
+  if trainer.model_cfg.scan_layers:
+    from llm_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    params = model_lib.stack_blocks(params)
+  source = convert.flatten_params(params)
   abstract = trainer.abstract_state().params
   target = convert.flatten_params(abstract)
   check_fits(source, target, run.model_cfg, trainer.model_cfg, init_from)

@@ -42,14 +42,17 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
   return 6 * matmul_params(cfg) + attention
 
 
-def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of an fp32 ``n^3`` matmul through ``jax.jit`` on this host, best of N.
+def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5,
+                            dtype: str = 'float32') -> float:
+  """FLOP/s of an ``n^3`` matmul through ``jax.jit`` on this host, best of N.
 
   CPUs have no data-sheet peak that XLA reaches, and shared machines drift by
   20%, so MFU on CPU is measured against this figure taken in the same run.
+  ``dtype`` is the operands' dtype (fp32 by default; 'bfloat16' for a bf16
+  model, whose matmuls XLA:CPU runs at a different rate).
   """
   dev = jax.local_devices()[0]
-  a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
+  a = jax.device_put(jnp.ones((n, n), dtype), dev)
   mm = jax.jit(jnp.matmul)
   mm(a, a).block_until_ready()
   best = float('inf')

@@ -68,6 +68,8 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# Kernels behind one signature (llm_jax/attention.py); 'auto' picks per platform.
+ATTENTION_BACKENDS = ('xla', 'cudnn', 'splash', 'auto')
 _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
                   'head_dim', 'mlp_dim')
 _POSITIVE_FLOATS = ('rope_theta', 'norm_eps', 'init_std', 'rope_scaling_factor')
@@ -107,6 +109,8 @@ class ModelConfig:
   # Linear RoPE scaling (position interpolation): positions are divided by
   # this before the rotary angles are taken; 1.0 is plain RoPE.
   rope_scaling_factor: float = 1.0
+  scan_layers: bool = False
+  attention: str = 'xla'
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -198,11 +202,14 @@ def _validate(cfg: ModelConfig) -> None:
       raise UserError(f'model.{name}={value!r} must be a positive number')
   for name, valid in (('norm', NORMS), ('position', POSITIONS),
                       ('mlp', MLPS), ('dtype', DTYPES), ('kind', KINDS),
-                      ('remat', tuple(REMAT_POLICIES))):
+                      ('remat', tuple(REMAT_POLICIES)),
+                      ('attention', ATTENTION_BACKENDS)):
     value = getattr(cfg, name)
     if value not in valid:
       raise UserError(f'model.{name}={value!r} is not one of '
                       f'{", ".join(map(repr, valid))}; pick one of them')
+  if not isinstance(cfg.scan_layers, bool):
+    raise UserError(f'model.scan_layers={cfg.scan_layers!r} must be True or False')
   if cfg.num_heads % cfg.num_kv_heads:
     divisors = [d for d in range(1, cfg.num_heads + 1) if cfg.num_heads % d == 0]
     raise UserError(
@@ -437,6 +444,8 @@ class Attention(nnx.Module):
     # GPT-2's residual scaling: 2 residual adds per layer feed the stream.
     self.o = Dense((N, H), (D,), ('heads', 'head_dim', 'embed'),
                    std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
+    self.backend = cfg.attention
+    self.causal = cfg.causal  # Encoders attend both ways (splash needs to know).
 
   def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
                mask_BTS: jax.Array) -> jax.Array:
@@ -444,7 +453,12 @@ class Attention(nnx.Module):
     q_BTNH, k_BTKH, v_BTKH = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if rope is not None:
       q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
-    return self.o(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+    if self.backend == 'xla':
+      return self.o(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+    # Other kernels (cuDNN, splash) behind the same signature.
+    from llm_jax import attention  # pylint: disable=g-import-not-at-top
+    return self.o(attention.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS,
+                                   backend=self.backend, causal=self.causal))
 
 
 # ---- MLP, block, model.
@@ -498,8 +512,13 @@ class Transformer(nnx.Module):
                       if cfg.position == 'learned' else None)
     # nnx.List, not a plain list: flax 0.12 refuses modules in a plain list
     # attribute; nnx.List puts them in the state as blocks/0, blocks/1, ...
-    self.blocks = nnx.List([Block(cfg, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      # One Block whose parameters carry a leading 'layers' axis; __call__
+      # runs it under lax.scan (see stack_blocks for the layout).
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs)
+                              for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg)
     # Logits stay float32 as they leave the matmul, never rounded to bf16:
     # better for the loss, and on XLA:CPU the step was ~10% faster than with
@@ -511,7 +530,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array,
                positions_BT: jax.Array | None = None, *,
-               segment_ids_BT: jax.Array | None = None) -> jax.Array:
+               segment_ids_BT: jax.Array | None = None,
+               return_hidden: bool = False) -> jax.Array:
     """Returns float32 logits ``[B, T, V]``.
 
     A decoder (``kind='decoder'``) attends causally and predicts the next
@@ -527,6 +547,9 @@ class Transformer(nnx.Module):
       segment_ids_BT: with packed sequences, the example each token belongs
         to; a token then attends only within its own segment
         (``attention_mask``). None: one sequence per row.
+      return_hidden: return the final-normed hidden states ``[B, T, D]``
+        (compute dtype) instead of logits, for a loss that applies the LM
+        head itself in chunks (``lm_head_DV``).
     """
     B, T = tokens_BT.shape
     if T > self.cfg.max_len:
@@ -541,7 +564,9 @@ class Transformer(nnx.Module):
       rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta,
                          scaling_factor=self.cfg.rope_scaling_factor)
     mask_BTS = attention_mask(segment_ids_BT, self.cfg.causal, length=T)
-    for block in self.blocks:
+    if self.cfg.scan_layers:
+      x_BTD = self._scan_blocks(x_BTD, rope, mask_BTS)
+    for block in ([] if self.cfg.scan_layers else self.blocks):
       if self.cfg.remat == 'none':
         x_BTD = block(x_BTD, rope, mask_BTS)
       else:
@@ -550,8 +575,67 @@ class Transformer(nnx.Module):
         x_BTD = nnx.remat(lambda blk, x: blk(x, rope, mask_BTS),
                           policy=REMAT_POLICIES[self.cfg.remat])(block, x_BTD)
     x_BTD = self.final_norm(x_BTD)
+    if return_hidden:
+      return x_BTD
     if self.lm_head is None:
       logits_BTV = self.embed.attend(x_BTD)
     else:
       logits_BTV = self.lm_head(x_BTD)
     return logits_BTV.astype(jnp.float32)
+
+  def lm_head_DV(self) -> jax.Array:
+    """The LM head as a ``[D, V]`` matrix in the compute dtype (tied: the table)."""
+    if self.lm_head is None:
+      return self.embed.table[...].astype(self.cfg.compute_dtype).T
+    return self.lm_head.kernel[...].astype(self.cfg.compute_dtype)
+
+  def _scan_blocks(self, x_BTD: jax.Array, rope, mask_BTS: jax.Array) -> jax.Array:
+    """Runs the stacked blocks as one ``lax.scan``: one block body to compile."""
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(x_BTD, layer):
+      return nnx.merge(graphdef, layer)(x_BTD, rope, mask_BTS), None
+
+    if self.cfg.remat != 'none':
+      # As unrolled: each layer keeps (about) its input for the backward pass.
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat],
+                            prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
+    return x_BTD
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """``num_layers`` Blocks as one, each parameter stacked on a 'layers' axis."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: 'layers'})
+  def make(rngs):
+    return Block(cfg, rngs=rngs)
+
+  return make(rngs)
+
+
+def stack_blocks(params: dict) -> dict:
+  """Unrolled params (``blocks/0/...``, ``blocks/1/...``) to the scanned layout.
+
+  Args:
+    params: a pure dict of parameters of a ``scan_layers=False`` model.
+
+  Returns:
+    The same dict with ``blocks`` one tree whose leaves are stacked along a new
+    leading axis (layer 0 first), as a ``scan_layers=True`` model holds them.
+  """
+  blocks = params['blocks']
+  layers = [blocks[i] for i in sorted(blocks, key=int)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, 'blocks': stacked}
+
+
+def unstack_blocks(params: dict) -> dict:
+  """The scanned layout back to ``blocks/0/...``: the inverse of ``stack_blocks``."""
+  stacked = params['blocks']
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked)
+            for i in range(num_layers)}
+  return {**params, 'blocks': blocks}

@@ -22,6 +22,7 @@ import optax
 
 from llm_jax import checkpoint as ckpt_lib
 from llm_jax import decode, lora, metrics, optim, sharding
+from llm_jax import loss as loss_lib
 from llm_jax.errors import UserError
 from llm_jax.model import ModelConfig, Transformer
 
@@ -50,21 +51,29 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
   return (losses_BT * weights_BT).sum(), weights_BT.sum()
 
 
-def _loss_fn(params, batch, graphdef):
+def _loss_fn(params, batch, graphdef, loss_chunk: int = 0):
   # Packed batches (SFT) carry per-example positions and segment ids. With
   # LoRA adapters, no gradient flows to the frozen weights.
-  logits_BTV = nnx.merge(graphdef, lora.freeze_base(params))(
-      batch['inputs'], batch.get('positions'),
-      segment_ids_BT=batch.get('segment_ids'))
-  loss_sum, count = cross_entropy(logits_BTV, batch['targets'], batch.get('weights'))
+  model = nnx.merge(graphdef, lora.freeze_base(params))
+  inputs = dict(tokens_BT=batch['inputs'], positions_BT=batch.get('positions'),
+                segment_ids_BT=batch.get('segment_ids'))
+  if loss_chunk:
+    # The LM head is applied chunk by chunk inside the loss (train.loss_chunk).
+    loss_sum, count = loss_lib.chunked_cross_entropy(
+        model(**inputs, return_hidden=True), model.lm_head_DV(),
+        batch['targets'], batch.get('weights'), chunk=loss_chunk)
+  else:
+    loss_sum, count = cross_entropy(model(**inputs), batch['targets'],
+                                    batch.get('weights'))
   # A micro-batch of only prompt tokens has loss 0 (its sum), not NaN.
   return loss_sum / jnp.where(count > 0, count, 1.0), loss_sum
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
-               accum_steps: int) -> tuple[TrainState, dict]:
+               accum_steps: int, loss_chunk: int = 0) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch, accumulating micro-batch grads."""
-  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(
+      functools.partial(_loss_fn, loss_chunk=loss_chunk), has_aux=True)
   if accum_steps == 1:
     (loss, _), grads = grad_fn(state.params, batch, graphdef)
   else:
@@ -100,11 +109,20 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx, schedule,
                      'lr': schedule(state.step), 'finite': finite}
 
 
-def eval_step(params, batch: dict, *, graphdef) -> dict:
-  """Summed validation loss, weight (token count) and correct argmaxes."""
-  logits_BTV = nnx.merge(graphdef, params)(
-      batch['inputs'], batch.get('positions'),
-      segment_ids_BT=batch.get('segment_ids'))
+def eval_step(params, batch: dict, *, graphdef, loss_chunk: int = 0) -> dict:
+  """Summed validation loss, weight (token count) and correct argmaxes.
+
+  With ``loss_chunk`` a decoder's logits are never whole, so no argmaxes are
+  counted (``correct`` is 0; only encoders report accuracy).
+  """
+  model = nnx.merge(graphdef, params)
+  count = (batch['weights'].astype(jnp.float32).sum() if 'weights' in batch else
+           jnp.asarray(batch['targets'].size, jnp.float32))
+  if loss_chunk and model.cfg.causal:
+    _, loss_sum = _loss_fn(params, batch, graphdef, loss_chunk)
+    return {'loss_sum': loss_sum, 'count': count, 'correct': jnp.zeros((), jnp.float32)}
+  logits_BTV = model(batch['inputs'], batch.get('positions'),
+                     segment_ids_BT=batch.get('segment_ids'))
   loss_sum, count = cross_entropy(logits_BTV, batch['targets'],
                                   batch.get('weights'))
   hits_BT = (jnp.argmax(logits_BTV, axis=-1) == batch['targets']).astype(jnp.float32)
@@ -163,15 +181,32 @@ class Trainer:
                    sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh)))
     batch_shard = sharding.batch_sharding(mesh, rules)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                             accum_steps=config.optim.grad_accum_steps)
+                             accum_steps=config.optim.grad_accum_steps,
+                             loss_chunk=config.train.loss_chunk)
     return cls(
         config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
         schedule=schedule, state_shardings=state_shardings, batch_sharding=batch_shard,
         init_fn=jax.jit(init_fn, out_shardings=state_shardings),
         step_fn=jax.jit(step, in_shardings=(state_shardings, batch_shard),
                         out_shardings=(state_shardings, rep), donate_argnums=0),
-        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef),
+        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                          loss_chunk=config.train.loss_chunk),
                         in_shardings=(p_shard, batch_shard), out_shardings=rep))
+
+  def unrolled(self, params) -> tuple[ModelConfig, Any, Any]:
+    """(model config, graphdef, params) of the same model layer by layer.
+
+    Decoding, export and conversion walk ``blocks/0``, ``blocks/1``, ...; a
+    run with ``model.scan_layers`` holds its blocks stacked, so they are
+    unstacked here (the same weights). Unscanned models pass through.
+    """
+    if not self.model_cfg.scan_layers:
+      return self.model_cfg, self.graphdef, params
+    from llm_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+    model_cfg = dataclasses.replace(self.model_cfg, scan_layers=False)
+    graphdef = nnx.split(nnx.eval_shape(
+        lambda: _make_model(self.config, model_cfg, 0)))[0]
+    return model_cfg, graphdef, model_lib.unstack_blocks(params)
 
   def abstract_state(self) -> TrainState:
     shapes = jax.eval_shape(self.init_fn)
@@ -268,9 +303,10 @@ def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str,
     return []
   ids = [tokenizer.encode(p) for p in prompts]
   out = []
+  _, graphdef, params = trainer.unrolled(params)
   for temperature in (0.0, config.train.sample_temperature):
     new = decode.generate(
-        trainer.graphdef, params, ids, max_new_tokens=config.train.sample_tokens,
+        graphdef, params, ids, max_new_tokens=config.train.sample_tokens,
         temperature=temperature, seed=config.seed, max_len=trainer.model_cfg.max_len,
         pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
     out.append([tokenizer.decode(t) for t in new])

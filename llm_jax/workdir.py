@@ -88,7 +88,10 @@ def latest_step(workdir: str) -> int:
 def load(workdir: str, step: int | None = None) -> Run:
   """Reads a run's config, tokenizer and parameters (newest checkpoint by default).
 
-  Parameters come back on one device, float32, whatever mesh trained them.
+  Parameters come back on one device, float32, whatever mesh trained them,
+  and layer by layer (``blocks/0``, ``blocks/1``, ...) even when the run
+  scanned over stacked layers (``model.scan_layers``): ``model_cfg`` then has
+  ``scan_layers=False``.
 
   Raises:
     UserError: not a run directory, no complete checkpoint, or the checkpoint
@@ -125,6 +128,9 @@ def load(workdir: str, step: int | None = None) -> Run:
                       f'load into the model its config.json describes ({first}).') from None
   finally:
     ckpt.close()
-  return Run(workdir=workdir, config=config, model_cfg=tr.model_cfg,
-             graphdef=tr.graphdef, params=state.params,
+  # Layer by layer from here on (decode, export and conversion walk blocks/0,
+  # blocks/1, ...), even if the run scanned over stacked layers.
+  model_cfg, graphdef, params = tr.unrolled(state.params)
+  return Run(workdir=workdir, config=config, model_cfg=model_cfg,
+             graphdef=graphdef, params=params,
              tokenizer=load_tokenizer(workdir), step=step, meta=meta)

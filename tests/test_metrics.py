@@ -35,3 +35,14 @@ def test_throughput_and_progress_line():
   for field in ('step  20/100', 'loss 2.0000', 'ppl     7.39', '5,000 tok/s',
                 'MFU 50.0%', 'ETA 16s'):
     assert field in line, (field, line)
+
+
+def test_gpt2_124m_mfu_under_the_stated_convention():
+  # 100k tokens/s on one H100 (989 TFLOP/s bf16 dense) under the PaLM count:
+  # 1e5 * 854,438,400 = 8.544384e13 FLOP/s, 8.64% of the peak.
+  thr = metrics.Throughput(tokens_per_step=100_000,
+                           flops_per_token=metrics.train_flops_per_token(gpt2_124m(), 1024),
+                           peak=989e12)
+  thr._marks = [(0, 0.0), (1, 1.0)]
+  assert math.isclose(thr.mfu(), 8.544384e13 / 989e12)
+  assert math.isclose(thr.mfu(), 0.0863942, rel_tol=1e-6)

@@ -42,3 +42,26 @@ def test_load_refuses_a_directory_without_a_run(tmp_path):
   (tmp_path / 'config.json').write_text('{}')
   with pytest.raises(UserError, match='no complete checkpoint'):
     workdir_lib.load(str(tmp_path))
+
+
+def test_a_scanned_run_loads_layer_by_layer(tmp_path, tiny_config):
+  """decode, export and convert walk blocks/0, blocks/1, ...: load unstacks."""
+  from flax import nnx
+  from llm_jax import decode, model as model_lib
+  config = tiny_config(train__steps=4, model__scan_layers=True)
+  run_dir = str(tmp_path / 'run')
+  train.run(config, run_dir)
+  run = workdir_lib.load(run_dir)
+  assert not run.model_cfg.scan_layers
+  assert sorted(run.params['blocks']) == list(range(config.model.num_layers))
+  # The unrolled model on the unstacked weights equals the scanned one.
+  tokens = jax.numpy.arange(24, dtype=jax.numpy.int32).reshape(2, 12) % run.model_cfg.vocab_size
+  unrolled = nnx.merge(run.graphdef, run.params)(tokens)
+  scanned_cfg = model_lib.ModelConfig(**{**run.model_cfg.__dict__, 'scan_layers': True})
+  graphdef = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(scanned_cfg, rngs=nnx.Rngs(0))))[0]
+  scanned = nnx.merge(graphdef, model_lib.stack_blocks(run.params))(tokens)
+  np.testing.assert_allclose(np.asarray(unrolled), np.asarray(scanned), atol=1e-5)
+  out = decode.generate(run.graphdef, run.params, [[5, 6, 7]], max_new_tokens=4,
+                        temperature=0.0, seed=0, max_len=run.model_cfg.max_len,
+                        pad_id=run.tokenizer.pad_id, eos_id=-1)
+  assert len(out[0]) == 4

@@ -1,0 +1,74 @@
+"""A cross-entropy that never holds the full float32 ``[B, T, V]`` logits.
+
+``chunked_cross_entropy`` applies the LM head to ``chunk`` positions at a time
+inside a ``lax.scan``; each chunk's body is rematerialised, so the backward
+pass recomputes that chunk's logits instead of keeping them. Peak memory for
+the loss drops from ``B * T * V`` floats (plus their gradient) to about
+``B * chunk * V``: with a 128k vocabulary, sequence 2048 and batch 8 that is
+8 GiB of logits against 1 GiB at chunk 256 (README, "Performance").
+
+Letters as in ``llm_jax/model.py``; C is the chunk length.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.errors import UserError
+
+
+def chunked_cross_entropy(hidden_BTD: jax.Array, head_DV: jax.Array,
+                          targets_BT: jax.Array,
+                          weights_BT: jax.Array | None = None, *,
+                          chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Weighted summed token cross-entropy, computed ``chunk`` positions at a time.
+
+  Args:
+    hidden_BTD: the final-normed hidden states (``Transformer(...,
+      return_hidden=True)``), in the compute dtype.
+    head_DV: the LM head (``Transformer.lm_head_DV()``).
+    targets_BT: int target ids.
+    weights_BT: float loss weight per target (the batch contract's
+      ``weights``); None means all ones.
+    chunk: positions per chunk; must divide T.
+
+  Returns:
+    ``(weighted_sum, weight_total)`` as float32 scalars, as
+    ``trainer.cross_entropy`` returns them: the loss is their ratio.
+
+  Raises:
+    UserError: ``chunk`` does not divide the sequence length.
+  """
+  B, T, D = hidden_BTD.shape
+  if chunk <= 0 or T % chunk:
+    raise UserError(f'train.loss_chunk={chunk} must divide the sequence length '
+                    f'{T} (data.seq_len); pick a divisor such as '
+                    f'{_divisor_near(T, chunk)}, or 0 to turn chunking off.')
+  if weights_BT is None:
+    weights_BT = jnp.ones((B, T), jnp.float32)
+  n = T // chunk
+  # Chunks lead, for lax.scan: [n, B, C, ...].
+  to_chunks = lambda x: x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+  xs = (to_chunks(hidden_BTD), to_chunks(targets_BT),
+        to_chunks(weights_BT.astype(jnp.float32)))
+
+  # nothing_saveable: only the chunk's inputs survive to the backward pass;
+  # its [B*C, V] logits are recomputed there, one chunk at a time.
+  @jax.checkpoint
+  def chunk_loss(x_BCD, t_BC, w_BC):
+    logits_MV = jnp.dot(x_BCD.reshape(B * chunk, D), head_DV,
+                        preferred_element_type=jnp.float32)
+    lse_M = jax.nn.logsumexp(logits_MV, axis=-1)
+    picked_M = jnp.take_along_axis(logits_MV, t_BC.reshape(-1, 1), axis=-1)[:, 0]
+    return jnp.sum((lse_M - picked_M) * w_BC.reshape(-1))
+
+  def body(total, inputs):
+    return total + chunk_loss(*inputs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+  return total, jnp.sum(weights_BT.astype(jnp.float32))
+
+
+def _divisor_near(T: int, chunk: int) -> int:
+  """The divisor of ``T`` closest to ``chunk`` (for the error message)."""
+  return min((d for d in range(1, T + 1) if T % d == 0),
+             key=lambda d: abs(d - max(chunk, 1)))

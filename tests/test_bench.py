@@ -1,0 +1,71 @@
+"""python -m llm_jax.bench: each subcommand prints a Markdown table and writes JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--config=configs/tiny.py', '--config.mesh.data=1']
+
+
+def bench(*args, devices: int = 1):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  proc = subprocess.run([sys.executable, '-m', 'llm_jax.bench', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=env)
+  return proc.returncode, proc.stdout, proc.stderr.strip()
+
+
+def test_train_reports_step_time_mfu_and_memory(tmp_path):
+  out = tmp_path / 'train.json'
+  code, stdout, err = bench('train', *TINY, '--steps=3', '--warmup=1', f'--out={out}')
+  assert code == 0, err[-2000:]
+  assert '| **MFU**' in stdout and 'PaLM 6N + attention' in stdout, stdout
+  r = json.loads(out.read_text())
+  assert r['steps_timed'] == 3 and len(r['peak_flops_samples']) == 3
+  assert r['flops_per_token'] == 1_081_344  # 6 * 163,840 + 12 * 2 * 4 * 16 * 64.
+  assert 0 < r['mfu'] < 1.5 and r['tokens_per_sec'] > 0 and r['compile_seconds'] > 0
+  assert r['peak_rss_bytes'] > 0 and r['compiled_temp_bytes'] > 0
+
+
+@pytest.mark.slow
+def test_checkpoint_reports_bytes_per_second(tmp_path):
+  out = tmp_path / 'ckpt.json'
+  code, stdout, err = bench('checkpoint', *TINY, '--steps=4', '--save_every=2',
+                            '--warmup=1', f'--out={out}', f'--dir={tmp_path}/c')
+  assert code == 0, err[-2000:]
+  r = json.loads(out.read_text())
+  assert r['saves_timed'] == 2 and r['save_bytes_per_sec'] > 0
+  assert r['restore_bytes_per_sec'] > 0 and r['async_block_seconds_median'] >= 0
+  assert '| async save holds the loop' in stdout
+
+
+@pytest.mark.slow
+def test_data_pipeline_outpaces_the_step(tmp_path):
+  out = tmp_path / 'data.json'
+  code, stdout, err = bench('data', *TINY, f'--config.data.cache_dir={tmp_path}/cache',
+                            '--steps=4', '--warmup=1', f'--out={out}')
+  assert code == 0, err[-2000:]
+  r = json.loads(out.read_text())
+  assert r['pipeline_batches_per_sec'] > 0 and r['headroom'] > 1, r
+
+
+@pytest.mark.parametrize('args, message', [
+    (['nope'], 'Expected one subcommand (train, data, checkpoint, decode), got nope'),
+    (['train', '--config=configs/tiny.py', '--steps=0'], '--steps=0 must be at least 1'),
+])
+def test_bad_input_is_one_clear_line(args, message):
+  code, _, err = bench(*args)
+  assert code == 2, err
+  assert err.splitlines()[-1].startswith('error: ') and message in err, err
+
+
+def test_decode_is_dispatched_to_its_module():
+  code, _, err = bench('decode', '--help')
+  if os.path.exists(os.path.join(ROOT, 'llm_jax', 'bench_decode.py')):
+    assert code == 0, err
+  else:
+    assert code == 2 and 'needs llm_jax/bench_decode.py' in err, err
