@@ -38,6 +38,7 @@ import time
 
 from absl import app, flags, logging
 
+from llm_jax import cli
 from llm_jax.errors import UserError
 
 SUBCOMMANDS = ('train', 'data', 'checkpoint', 'decode')
@@ -365,7 +366,7 @@ def run_decode(argv: list[str]) -> int:
   import importlib  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec('llm_jax.bench_decode') is None:
-    _fail('bench decode needs llm_jax/bench_decode.py (the KV-cache decode '
+    cli.fail('bench decode needs llm_jax/bench_decode.py (the KV-cache decode '
           'work, issue 5), which this checkout does not have yet.')
   # Imported only now: its own flags must not clash with the other subcommands'.
   bench_decode = importlib.import_module('llm_jax.bench_decode')
@@ -385,16 +386,11 @@ def _write_json(path: str, result: dict) -> None:
   os.replace(tmp, path)
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     extra = ' '.join(argv[1:]) or 'nothing'
-    _fail(f'Expected one subcommand ({", ".join(SUBCOMMANDS)}), got {extra}. '
+    cli.fail(f'Expected one subcommand ({", ".join(SUBCOMMANDS)}), got {extra}. '
           'Example: python -m llm_jax.bench train --config=configs/base.py')
   from llm_jax import train  # pylint: disable=g-import-not-at-top
   from llm_jax.configuration import check_keys  # pylint: disable=g-import-not-at-top
@@ -409,7 +405,7 @@ def main(argv) -> None:
     with config.unlocked():
       result, rows = fn(config, steps=_STEPS.value, warmup=_WARMUP.value)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(f'\n## bench {argv[1]}\n\n{_table(rows)}\n', flush=True)
   if _OUT.value:
     _write_json(_OUT.value, result)

@@ -30,6 +30,7 @@ import tempfile
 
 import numpy as np
 
+from llm_jax import cli
 from llm_jax.errors import UserError
 
 EVAL_DIR = 'eval'
@@ -394,7 +395,7 @@ def plot(workdirs: list[str], out_path: str) -> str:
 class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
-    _fail(f'{message}. See python -m llm_jax.evaluate --help.')
+    cli.fail(f'{message}. See python -m llm_jax.evaluate --help.')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -466,12 +467,7 @@ def main(argv: list[str] | None = None) -> None:
   try:
     run_cli(args)
   except UserError as e:
-    _fail(str(e))
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+    cli.fail(str(e))
 
 
 if __name__ == '__main__':

@@ -41,7 +41,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Sequence
@@ -49,6 +48,7 @@ from typing import Any, Sequence
 from absl import app, flags, logging
 import numpy as np
 
+from llm_jax import cli
 from llm_jax.errors import UserError
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -476,9 +476,9 @@ def _ints(name: str, values: list[str]) -> list[int]:
 def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --out=DIR.')
+    cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --out=DIR.')
   if not FLAGS.workdir or not FLAGS.out:
-    _fail('Pass both --workdir=RUN (a training run) and --out=DIR (the SavedModel '
+    cli.fail('Pass both --workdir=RUN (a training run) and --out=DIR (the SavedModel '
           'to create).')
   try:
     if FLAGS.max_new_tokens < 1:
@@ -491,27 +491,11 @@ def main(argv) -> None:
            text_signature=FLAGS.text_signature,
            eval_batches=FLAGS.eval_batches)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def _parse(argv):
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit:
-    if any(a.split('=')[0] in ('--help', '--helpshort', '--helpfull', '-h', '-?')
-           for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    _fail(f'{e}. See --help.')
-  return []
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=cli.parse_flags)

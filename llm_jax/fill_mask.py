@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from llm_jax import cli
 from llm_jax.errors import UserError
 
 
@@ -75,7 +76,7 @@ def fill_text(text: str, mask_piece: str, choices: list[str]) -> str:
 class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
-    _fail(f'{message}. See python -m llm_jax.fill_mask --help.')
+    cli.fail(f'{message}. See python -m llm_jax.fill_mask --help.')
 
 
 def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
@@ -97,18 +98,13 @@ def main(argv: list[str] | None = None) -> list[list[tuple[str, float]]]:
     ranked = fill_mask(run, args.text, top_k=args.top_k,
                        candidates=[c for c in args.candidates.split(',') if c] or None)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   for n, choices in enumerate(ranked, 1):
     print(f'<mask> {n}:')
     for rank, (piece, prob) in enumerate(choices, 1):
       print(f'  {rank}. {piece!r:20} {prob:.4f}')
   print(fill_text(args.text, tokenizer_lib.MASK_PIECE, [c[0][0] for c in ranked]))
   return ranked
-
-
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 if __name__ == '__main__':

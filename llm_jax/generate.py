@@ -24,6 +24,7 @@ import sys
 from absl import app, flags, logging
 
 from llm_jax import decode
+from llm_jax import cli
 from llm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -125,9 +126,9 @@ def _stream_one(run, text, ids, kw) -> None:
 def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --prompt=TEXT.')
+    cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --prompt=TEXT.')
   if not FLAGS.workdir:
-    _fail('No --workdir given. Pass the directory of a training run.')
+    cli.fail('No --workdir given. Pass the directory of a training run.')
   try:
     for name, value, ok in (('max_new_tokens', FLAGS.max_new_tokens, FLAGS.max_new_tokens >= 1),
                             ('temperature', FLAGS.temperature, FLAGS.temperature >= 0),
@@ -153,26 +154,9 @@ def main(argv) -> None:
       else:
         print(f'--- prompt {row + 1}\n{text}{_show(run, new)}')
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """Parses flags; --help exits 0, a bad flag is one line and exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit:
-    if any(a.split('=')[0] in ('--help', '--helpshort', '--helpfull', '-h', '-?')
-           for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    _fail(f'{e}. See --help.')
-  return []
 
 
 if __name__ == '__main__':
@@ -182,4 +166,4 @@ if __name__ == '__main__':
     fill_mask.main([a for a in sys.argv[1:] if a != '--fill_mask'])
     sys.exit(0)
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -25,6 +25,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from llm_jax.configuration import check_keys
+from llm_jax import cli
 from llm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -250,28 +251,21 @@ def _summarise(r: dict) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags; a bad flag or override is one clear line, not a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit:
-    # absl prints --help / --helpshort / --helpfull, then exits 1; asking for
-    # help is not a failure.
-    if any(a.split('=')[0] in ('--help', '--helpshort', '--helpfull', '-h', '-?')
-           for a in argv[1:]):
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    _fail(f'{e}. Give a value of the type configs/base.py declares for that key.')
-  except (KeyError, AttributeError) as e:
+
+  def unknown_key(e: Exception) -> str:
+    if not isinstance(e, (KeyError, AttributeError)):
+      raise e
     # ml_collections: an override naming a key the config does not have.
     detail = str(e.args[0] if e.args else e)
     key = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", detail)[0] if detail else '?'
     hint = re.search(r'Did you mean "([^"]+)"', detail)
     flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
                  re.search(rf'\b{key}\b', a.split('=')[0])), '--config.*')
-    _fail(f'Unknown config key in {flag}: the config has no key {key!r}'
-          + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
-          + '. configs/base.py declares every key.')
-  return []
+    return (f'Unknown config key in {flag}: the config has no key {key!r}'
+            + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
+            + '. configs/base.py declares every key.')
+
+  return cli.parse_flags(argv, on_error=unknown_key)
 
 
 def load_config():
@@ -283,10 +277,10 @@ def load_config():
   except (OSError, SyntaxError, AttributeError) as e:
     path = flags.FLAGS['config'].config_filename if 'config' in flags.FLAGS else '?'
     last = str(e).strip().splitlines()[-1].strip()
-    _fail(f'Cannot load the config file {path!r}: {last}. Pass an existing file '
+    cli.fail(f'Cannot load the config file {path!r}: {last}. Pass an existing file '
           'that defines get_config(), e.g. --config=configs/base.py.')
   if config is None:
-    _fail('No config given. Pass --config=configs/base.py (or another file in configs/).')
+    cli.fail('No config given. Pass --config=configs/base.py (or another file in configs/).')
   return config
 
 
@@ -294,7 +288,7 @@ def main(argv) -> None:
   # Library INFO logs (Orbax, absl) would drown the progress line.
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    _fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --config=FILE.')
+    cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --config=FILE.')
   config = load_config()
   try:
     from llm_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -307,14 +301,11 @@ def main(argv) -> None:
       return
     result = run(config, _WORKDIR.value or None)
   except UserError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   if result.get('stopped_by_signal'):
     sys.exit(128 + result['stopped_by_signal'])
 
 
-def _fail(message: str) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)
