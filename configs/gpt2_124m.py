@@ -12,7 +12,7 @@ tokens (19k steps), by analogy with published GPT-2 124M runs; not yet
 measured with llm_jax (no such hardware here). --dry_run checks the fit.
 """
 
-from llm_jax.configuration import apply_hardware, base_config
+from llm_jax.configuration import apply_hardware, base_config, use_gpt2_architecture
 
 # Micro-batches per step that fit each machine (from --dry_run --topology;
 # with remat a 1024-token sequence needs about 0.7 GiB on v5p, 1.5 on v5e).
@@ -30,12 +30,7 @@ def get_config(machine: str = 'h100x8'):
   c.model.num_kv_heads = 12
   c.model.head_dim = 64
   c.model.mlp_dim = 3072
-  c.model.norm = 'layernorm'
-  c.model.position = 'learned'
-  c.model.mlp = 'gelu'
-  c.model.use_bias = True
-  c.model.tie_embeddings = True
-  c.model.norm_eps = 1e-5
+  use_gpt2_architecture(c)
   c.model.remat = 'full'  # Recompute each block in the backward pass.
   c.model.scan_layers = True  # One block body to compile, whatever the depth.
   c.optim.learning_rate = 6e-4

@@ -12,7 +12,7 @@ is possible but slow (~40 minutes for 1000 steps); configs/base.py is the
 preset to train here.
 """
 
-from llm_jax.configuration import base_config
+from llm_jax.configuration import base_config, use_gpt2_architecture
 
 
 def get_config():
@@ -26,12 +26,7 @@ def get_config():
   c.model.num_kv_heads = 8
   c.model.head_dim = 64
   c.model.mlp_dim = 2048
-  c.model.norm = 'layernorm'
-  c.model.position = 'learned'
-  c.model.mlp = 'gelu'
-  c.model.use_bias = True
-  c.model.tie_embeddings = True
-  c.model.norm_eps = 1e-5
+  use_gpt2_architecture(c)
   c.model.dtype = 'float32'
   c.optim.learning_rate = 1e-3
   c.train.batch_size = 8

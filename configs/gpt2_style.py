@@ -7,18 +7,13 @@ The same size and budget as configs/base.py with GPT-2's architecture choices
 loss close to base.py's in a similar time; not yet measured.
 """
 
-from llm_jax.configuration import base_config
+from llm_jax.configuration import base_config, use_gpt2_architecture
 
 
 def get_config():
   c = base_config()
   c.name = 'gpt2_style'
-  c.model.norm = 'layernorm'
-  c.model.position = 'learned'
-  c.model.mlp = 'gelu'
+  use_gpt2_architecture(c)
   c.model.num_kv_heads = 4
   c.model.mlp_dim = 512
-  c.model.use_bias = True
-  c.model.tie_embeddings = True
-  c.model.norm_eps = 1e-5
   return c

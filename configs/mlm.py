@@ -21,7 +21,7 @@ shape with --config.model.num_layers=2 --config.tokenizer.vocab_size=4096
 --config.train.steps=50 --config.train.batch_size=8 (:cpu).
 """
 
-from llm_jax.configuration import apply_hardware, base_config
+from llm_jax.configuration import apply_hardware, base_config, use_gpt2_architecture
 
 # Micro-batches per step; sized like configs/gpt2_124m.py's (half the
 # layers, half the context), to be confirmed with --dry_run --topology.
@@ -40,12 +40,7 @@ def get_config(machine: str = 'h100x8'):
   c.model.num_kv_heads = 12
   c.model.head_dim = 64
   c.model.mlp_dim = 3072
-  c.model.norm = 'layernorm'
-  c.model.position = 'learned'
-  c.model.mlp = 'gelu'
-  c.model.use_bias = True
-  c.model.tie_embeddings = True
-  c.model.norm_eps = 1e-5
+  use_gpt2_architecture(c)
   c.optim.learning_rate = 6e-4
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6

@@ -206,7 +206,7 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
   Raises:
     UserError: naming the first differing key, with both values.
   """
-  saved_flat, current_flat = _flatten(saved['config']), _flatten(current['config'])
+  saved_flat, current_flat = flatten(saved['config']), flatten(current['config'])
   for key in sorted(set(saved_flat) | set(current_flat)):
     # A key the saved config lacks was added to configs/base.py since; its
     # default there keeps the old behaviour, so an older checkpoint still fits.
@@ -235,11 +235,12 @@ def check_compatible(saved: dict, current: dict, directory: str) -> None:
     logging.warning('Resuming with changed settings: %s', '; '.join(changed))
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict, sep: str = '.', prefix: str = '') -> dict:
+  """A nested dict as one level: ``{'a': {'b': 1}}`` -> ``{'a.b': 1}``."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
+      out.update(flatten(value, sep, f'{prefix}{key}{sep}'))
     else:
       out[f'{prefix}{key}'] = value
   return out

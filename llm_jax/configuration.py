@@ -31,6 +31,14 @@ def base_config():
   return load_preset(CONFIGS_DIR / 'base.py')
 
 
+def use_gpt2_architecture(config) -> None:
+  """GPT-2's choices (as in RoBERTa): LayerNorm, learned positions, GELU MLP,
+  biases, tied embeddings. Sizes are left to the preset."""
+  m = config.model
+  m.norm, m.position, m.mlp = 'layernorm', 'learned', 'gelu'
+  m.use_bias, m.tie_embeddings, m.norm_eps = True, True, 1e-5
+
+
 def check_keys(config, base=None, prefix: str = '') -> None:
   """Raises UserError for a key that configs/base.py does not declare."""
   base = base_config() if base is None else base

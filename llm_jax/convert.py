@@ -433,13 +433,8 @@ _TO_HF = {'gpt2': _gpt2_to_hf, 'llama': _llama_to_hf, 'qwen2': _llama_to_hf}
 
 def flatten_params(params: dict, prefix: str = '') -> dict[str, Any]:
   """``{'blocks': {0: {'attn': ...}}}`` -> ``{'blocks/0/attn/...': array}``."""
-  out = {}
-  for key, value in params.items():
-    if isinstance(value, dict):
-      out.update(flatten_params(value, f'{prefix}{key}/'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
+  from llm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.flatten(params, '/', prefix)
 
 
 def unflatten_like(flat: dict[str, Any], like: dict, prefix: str = '') -> dict:
