@@ -5,22 +5,23 @@
 Builds configs/base.py with the given depth and remat policy on one device and
 times lower + compile of the whole train step (abstract state, nothing run)
 with model.scan_layers False then True, ROUNDS times, so both see the same
-machine load. Prints each round and the medians (README, "Performance").
+machine load. Prints each round and the medians (benchmarks/README.md).
 """
 
 import argparse
 import statistics
 import time
 
-from llm_jax import bench, configuration
+from llm_jax.perf import measure as bench
+from llm_jax.core import configuration
 
 
 def compile_seconds(layers: int, remat: str, scan: bool) -> tuple[float, float]:
   c = configuration.load_preset('base')
   c.mesh.data = 1
   c.model.num_layers, c.model.remat, c.model.scan_layers = layers, remat, scan
-  tr = bench._build(c)  # pylint: disable=protected-access
-  state, batch = tr.abstract_state(), bench._random_batch(tr, c)  # pylint: disable=protected-access
+  tr = bench.build_trainer(c)
+  state, batch = tr.abstract_state(), bench.random_batch(tr, c)
   t0 = time.perf_counter()
   lowered = tr.step_fn.lower(state, batch)
   t1 = time.perf_counter()

@@ -12,8 +12,10 @@ comparable. Needs torch (not a dependency of llm_jax).
 """
 import os, sys, time, statistics
 import torch, torch.nn as nn, torch.nn.functional as F
-import jax, jax.numpy as jnp, numpy as np
-from llm_jax import configuration, bench, metrics
+import jax, jax.numpy as jnp
+from llm_jax.core import configuration
+from llm_jax.perf import measure as bench
+from llm_jax.training import metrics
 c = configuration.load_preset(sys.argv[1] if len(sys.argv) > 1 else 'gpt2_small_cpu')
 m = c.model; V = c.tokenizer.vocab_size; T = c.data.seq_len; B = c.train.batch_size
 D, L, N, Fd = m.d_model, m.num_layers, m.num_heads, m.mlp_dim
@@ -40,7 +42,7 @@ ti = torch.randint(0, V, (B, T)); tt = torch.randint(0, V, (B, T))
 def torch_step():
   loss = tm(ti, tt); opt.zero_grad(set_to_none=True); loss.backward()
   torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0); opt.step(); return loss
-tr = bench._build(c); st = [tr.init_fn()]; batch = bench._random_batch(tr, c)
+tr = bench.build_trainer(c); st = [tr.init_fn()]; batch = bench.random_batch(tr, c)
 def jax_step():
   st[0], mm = tr.step_fn(st[0], batch); jax.block_until_ready((st[0], mm))
 P = jnp.ones((2048, 2048)); mmj = jax.jit(jnp.dot); PT = torch.ones(2048, 2048)
@@ -48,7 +50,7 @@ fns = {'jax': jax_step, 'torch': torch_step,
        'jax_peak': lambda: mmj(P, P).block_until_ready(), 'torch_peak': lambda: torch.mm(PT, PT)}
 for f in fns.values(): f(); f()
 times = {k: [] for k in fns}
-for r in range(int(os.environ.get('REPS', 6))):
+for _ in range(int(os.environ.get("REPS", 6))):
   for k, f in fns.items():
     t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
 flops = metrics.train_flops_per_token(tr.model_cfg, T) * B * T

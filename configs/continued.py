@@ -11,13 +11,13 @@ name a step: runs/x/checkpoints/500), the tokenizer is its tokenizer.model,
 and optimizer state, schedule and data are this run's own. The learning rate
 is a tenth of pre-training's, as is usual when continuing. Expected: the
 validation loss on the new data falls below its value at step 0. Measured
-(README, "Fine-tuning what exists"): configs/tiny.py's model, exported,
+(docs/fine-tuning.md): configs/tiny.py's model, exported,
 re-imported and extended by 300 Chinese pieces, on 60 short Chinese documents
 with --config.train.steps=60 --config.train.batch_size=8: 8.36 -> 5.91.
 """
 
-from llm_jax.configuration import base_config
-from llm_jax.finetune import config_from
+from llm_jax.core.configuration import base_config
+from llm_jax.runs.init_from import config_from
 
 
 def get_config(init_from: str = ''):

@@ -12,7 +12,7 @@ tokens (19k steps), by analogy with published GPT-2 124M runs; not yet
 measured with llm_jax (no such hardware here). --dry_run checks the fit.
 """
 
-from llm_jax.configuration import apply_hardware, base_config, use_gpt2_architecture
+from llm_jax.core.configuration import apply_hardware, base_config, use_gpt2_architecture
 
 # Micro-batches per step that fit each machine (from --dry_run --topology;
 # with remat a 1024-token sequence needs about 0.7 GiB on v5p, 1.5 on v5e).

@@ -3,16 +3,16 @@
     python -m llm_jax.bench train --config=configs/gpt2_small_cpu.py
     python -m llm_jax.train --config=configs/gpt2_small_cpu.py
 
-The shapes of FACTS.md's CPU measurements (batch 8 x 256, fp32): one step is
+The shapes of the CPU measurements in docs/performance.md (batch 8 x 256, fp32): one step is
 about 0.3 TFLOP, 2.4 s on 2 shared cores. Should reach, and reached on
 2026-11-25 (load average 1.8): `bench train` MFU of 68% of the fp32 matmul
 peak sampled after each step (58% against the best peak seen in the run),
-about 840 tokens/s (README, "Performance"). Training it on the embedded corpus
+about 840 tokens/s (docs/performance.md). Training it on the embedded corpus
 is possible but slow (~40 minutes for 1000 steps); configs/base.py is the
 preset to train here.
 """
 
-from llm_jax.configuration import base_config, use_gpt2_architecture
+from llm_jax.core.configuration import base_config, use_gpt2_architecture
 
 
 def get_config():

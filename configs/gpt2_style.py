@@ -7,7 +7,7 @@ The same size and budget as configs/base.py with GPT-2's architecture choices
 loss close to base.py's in a similar time; not yet measured.
 """
 
-from llm_jax.configuration import base_config, use_gpt2_architecture
+from llm_jax.core.configuration import base_config, use_gpt2_architecture
 
 
 def get_config():

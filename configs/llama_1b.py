@@ -12,7 +12,7 @@ tokens (20k steps), by analogy with published 1B runs; not yet measured with
 llm_jax (no such hardware here). --dry_run checks the fit.
 """
 
-from llm_jax.configuration import apply_hardware, base_config
+from llm_jax.core.configuration import apply_hardware, base_config
 
 # Micro-batches per step that fit each machine (from --dry_run --topology;
 # with remat a 2048-token sequence needs about 5 GiB on v5p, 13 on v5e).

@@ -12,7 +12,7 @@ text after 100B tokens (100k steps), by analogy with published 8B runs; not
 yet measured with llm_jax (no such hardware here). --dry_run checks the fit.
 """
 
-from llm_jax.configuration import apply_hardware, base_config
+from llm_jax.core.configuration import apply_hardware, base_config
 
 # Micro-batches per step that fit each machine (from --dry_run --topology;
 # 1 sequence per chip needs about 25 GiB with remat). v5e's 16 GiB chips do

@@ -21,7 +21,7 @@ shape with --config.model.num_layers=2 --config.tokenizer.vocab_size=4096
 --config.train.steps=50 --config.train.batch_size=8 (:cpu).
 """
 
-from llm_jax.configuration import apply_hardware, base_config, use_gpt2_architecture
+from llm_jax.core.configuration import apply_hardware, base_config, use_gpt2_architecture
 
 # Micro-batches per step; sized like configs/gpt2_124m.py's (half the
 # layers, half the context), to be confirmed with --dry_run --topology.

@@ -15,8 +15,8 @@ from scratch on templated question/answer pairs: 6.96 -> 1.87 nats per
 response token in 40 steps of 8 x 128, 2 cores, 23 s).
 """
 
-from llm_jax.configuration import base_config
-from llm_jax.finetune import config_from
+from llm_jax.core.configuration import base_config
+from llm_jax.runs.init_from import config_from
 
 
 def get_config(init_from: str = ''):

@@ -7,7 +7,7 @@ model for 60 steps. Expected: validation loss falls from ln(1024) = 6.9 to
 about 5.2 (13 s on 2 CPU cores). The tests use this preset with fewer steps.
 """
 
-from llm_jax.configuration import base_config
+from llm_jax.core.configuration import base_config
 
 
 def get_config():

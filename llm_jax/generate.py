@@ -19,43 +19,39 @@ function the SavedModel export wraps); a prompt that does not fit the model's
 context (it must leave room for one new token) is an error, exit status 2.
 """
 
+import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 
-from llm_jax import decode
 from llm_jax import cli
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
+from llm_jax.inference import decode
+from llm_jax.runs import workdir
 
-FLAGS = flags.FLAGS
-
-
-def _define_flags() -> None:
-  """Defines the CLI's flags.
-
-  Only when run as a program: importing this module as a library must not
-  claim flag names that other CLIs define too.
-  """
-  flags.DEFINE_string('workdir', None, 'The run directory to load.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).')
-  flags.DEFINE_multi_string('prompt', [], 'Prompt text; repeatable.')
-  flags.DEFINE_string('prompts_file', None, 'File, one prompt a line.')
-  flags.DEFINE_multi_string('prompt_ids', [], 'A prompt as comma-separated token ids.')
-  flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.')
-  flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
-  flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens; 0: all.')
-  flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much '
-                     'probability; 1: all.')
-  flags.DEFINE_integer('seed', 0, 'Sampling seed (same seed, same text).')
-  flags.DEFINE_bool('stream', False, 'Print tokens as they are generated (prompts '
-                    'run one at a time).')
-
-
-# The library half lives in decode.py (export and bench use it without this
-# CLI's flags); these names are this module's public API too.
-check_prompts = decode.check_prompts
-generate_ids = decode.generate_for_run
-prompt_buckets = decode.prompt_buckets
+PROG = 'python -m llm_jax.generate'
+FLAGS = cli.flag_values()
+flags.DEFINE_string('workdir', None, 'The run directory to load.', flag_values=FLAGS)
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: newest).', flag_values=FLAGS)
+flags.DEFINE_multi_string('prompt', [], 'Prompt text; repeatable.', flag_values=FLAGS)
+flags.DEFINE_string('prompts_file', None, 'File, one prompt a line.', flag_values=FLAGS)
+flags.DEFINE_multi_string('prompt_ids', [], 'A prompt as comma-separated token ids.',
+                          flag_values=FLAGS)
+flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.',
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.',
+                   lower_bound=0.0, flag_values=FLAGS)
+flags.DEFINE_integer('top_k', 0, 'Sample among the k likeliest tokens; 0: all.',
+                     lower_bound=0, flag_values=FLAGS)
+flags.DEFINE_float('top_p', 1.0, 'Nucleus: smallest set with this much '
+                   'probability; 1: all.', flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'Sampling seed (same seed, same text).', flag_values=FLAGS)
+flags.DEFINE_bool('stream', False, 'Print tokens as they are generated (prompts '
+                  'run one at a time).', flag_values=FLAGS)
+flags.DEFINE_bool('fill_mask', False, 'An encoder run: rank completions for <mask> '
+                  'in --text=... (the flags of python -m llm_jax.fill_mask).',
+                  flag_values=FLAGS)
+flags.mark_flag_as_required('workdir', flag_values=FLAGS)
 
 
 def _expand(text: str) -> str:
@@ -117,53 +113,43 @@ def _stream_one(run, text, ids, kw) -> None:
       else:
         emit(_show(run, got).rstrip('\ufffd'))
 
-  generate_ids(run, [ids], on_token=on_token, **kw)
+  decode.generate_for_run(run, [ids], on_token=on_token, **kw)
   if run.tokenizer is not None:
     emit(_show(run, got))
   sys.stdout.write('\n')
 
 
-def main(argv) -> None:
-  logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    cli.fail(f'Unexpected arguments: {" ".join(argv[1:])}. Flags look like --prompt=TEXT.')
-  if not FLAGS.workdir:
-    cli.fail('No --workdir given. Pass the directory of a training run.')
-  try:
-    for name, value, ok in (('max_new_tokens', FLAGS.max_new_tokens, FLAGS.max_new_tokens >= 1),
-                            ('temperature', FLAGS.temperature, FLAGS.temperature >= 0),
-                            ('top_p', FLAGS.top_p, 0 < FLAGS.top_p <= 1)):
-      if not ok:
-        raise UserError(f'--{name}={value} is out of range (max_new_tokens >= 1, '
-                        'temperature >= 0, 0 < top_p <= 1).')
-    from llm_jax import workdir  # pylint: disable=g-import-not-at-top
-    run = workdir.load(FLAGS.workdir, FLAGS.step)
-    texts, prompts = _read_prompts(run)
-    kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-              top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
-    check_prompts(prompts, run.model_cfg.max_len, run.model_cfg.vocab_size)
-    if FLAGS.stream:
-      for text, ids in zip(texts, prompts):
-        _stream_one(run, text, ids, kw)
-      return
-    out, counts = generate_ids(run, prompts, **kw)
-    for row, (text, ids) in enumerate(zip(texts, prompts)):
-      new = out[row, :counts[row]].tolist()
-      if text is None:
-        print(f'{ids} -> {new}')
-      else:
-        print(f'--- prompt {row + 1}\n{text}{_show(run, new)}')
-  except UserError as e:
-    cli.fail(str(e))
+def _main() -> None:
+  if not 0 < FLAGS.top_p <= 1:
+    raise UserError(f'--top_p={FLAGS.top_p} is out of range: 0 < top_p <= 1.')
+  run = workdir.load(FLAGS.workdir, FLAGS.step)
+  texts, prompts = _read_prompts(run)
+  kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+            top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
+  decode.check_prompts(prompts, run.model_cfg.max_len, run.model_cfg.vocab_size)
+  if FLAGS.stream:
+    for text, ids in zip(texts, prompts):
+      _stream_one(run, text, ids, kw)
+    return
+  out, counts = decode.generate_for_run(run, prompts, **kw)
+  for row, (text, ids) in enumerate(zip(texts, prompts)):
+    new = out[row, :counts[row]].tolist()
+    if text is None:
+      print(f'{ids} -> {new}')
+    else:
+      print(f'--- prompt {row + 1}\n{text}{_show(run, new)}')
 
 
+def main(argv: list[str] | None = None):
+  """Runs the command on ``argv`` (default: the process's arguments)."""
+  argv = sys.argv[1:] if argv is None else argv
+  if '--fill_mask' in argv:
+    # Encoders: the fill_mask command, handed over as a process (commands do
+    # not import each other), with its own flags.
+    os.execv(sys.executable, [sys.executable, '-m', 'llm_jax.fill_mask',
+                              *(a for a in argv if a != '--fill_mask')])
+  return cli.run(_main, FLAGS, argv, doc=__doc__, prog=PROG)
 
 
 if __name__ == '__main__':
-  if '--fill_mask' in sys.argv[1:]:
-    # Encoders: rank completions for <mask> (llm_jax/fill_mask.py has the flags).
-    from llm_jax import fill_mask  # pylint: disable=g-import-not-at-top
-    fill_mask.main([a for a in sys.argv[1:] if a != '--fill_mask'])
-    sys.exit(0)
-  _define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  main()

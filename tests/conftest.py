@@ -17,7 +17,7 @@ def tiny_config(tmp_path):
 
   Overrides are ``section__key=value`` keyword arguments.
   """
-  from llm_jax import configuration  # pylint: disable=g-import-not-at-top
+  from llm_jax.core import configuration  # pylint: disable=g-import-not-at-top
 
   def make(**overrides):
     c = configuration.load_preset('tiny')
@@ -42,7 +42,10 @@ def exported_tiny_run(tmp_path_factory):
   Shared by tests/test_export.py and tests/test_go.py (output width 12, batch
   buckets 1 and 3, lowered for cpu, cuda and tpu).
   """
-  from llm_jax import configuration, export, train, workdir  # pylint: disable=g-import-not-at-top
+  from llm_jax.core import configuration  # pylint: disable=g-import-not-at-top
+  from llm_jax.deploy import saved_model as export  # pylint: disable=g-import-not-at-top
+  from llm_jax import train  # pylint: disable=g-import-not-at-top
+  from llm_jax.runs import workdir  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('export')
   c = configuration.load_preset('tiny')
   c.data.cache_dir = str(root / 'cache')

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from llm_jax import aot, configuration
+from llm_jax.training import aot
+from llm_jax.core import configuration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_jax import attention, model
-from llm_jax.errors import UserError
+from llm_jax.model import attention
+from llm_jax.model import transformer as model
+from llm_jax.core.errors import UserError
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 # libtpu takes a machine-wide lock by default; compiling for a topology needs
@@ -28,13 +29,13 @@ def _qkv(B=2, T=16, N=4, K=2, H=8, seed=0):
 @pytest.mark.parametrize('num_kv_heads', [4, 2, 1])
 def test_xla_backend_equals_jax_reference(num_kv_heads):
   q, k, v = _qkv(K=num_kv_heads)
-  mask = model.causal_mask(16)
+  mask = attention.causal_mask(16)
   got = attention.attend(q, k, v, mask, backend='xla')
   want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
   np.testing.assert_allclose(got, want, atol=1e-5)
   # A general mask (two packed segments) goes through unchanged too.
   seg = jnp.array([[0] * 6 + [1] * 10, [0] * 16])
-  mask2 = model.causal_mask(16) & (seg[:, :, None] == seg[:, None, :])
+  mask2 = attention.causal_mask(16) & (seg[:, :, None] == seg[:, None, :])
   got2 = attention.attend(q, k, v, mask2, backend='xla')
   want2 = jax.nn.dot_product_attention(q, k, v, mask=mask2[:, None], implementation='xla')
   np.testing.assert_allclose(got2, want2, atol=1e-5)
@@ -46,8 +47,8 @@ def test_auto_picks_per_platform():
   assert attention.resolve('auto', 'tpu') == 'splash'
   q, k, v = _qkv()
   np.testing.assert_array_equal(
-      attention.attend(q, k, v, model.causal_mask(16), backend='auto'),
-      attention.attend(q, k, v, model.causal_mask(16), backend='xla'))
+      attention.attend(q, k, v, attention.causal_mask(16), backend='auto'),
+      attention.attend(q, k, v, attention.causal_mask(16), backend='xla'))
 
 
 @pytest.mark.parametrize('backend, needs', [('cudnn', 'GPU'), ('splash', 'TPU')])
@@ -55,7 +56,7 @@ def test_unavailable_backend_is_one_clear_error(backend, needs):
   q, k, v = _qkv()
   with pytest.raises(UserError, match=rf"model.attention='{backend}' needs a {needs} "
                      r"but this run's devices are 'cpu'; use model.attention='xla'"):
-    attention.attend(q, k, v, model.causal_mask(16), backend=backend)
+    attention.attend(q, k, v, attention.causal_mask(16), backend=backend)
 
 
 def test_model_config_names_the_backends():
@@ -77,7 +78,7 @@ def test_model_config_names_the_backends():
 @pytest.mark.slow
 def test_splash_compiles_for_a_tpu_slice():
   """Ahead of time, for a v5p slice that is not here (as llm_jax/aot.py does)."""
-  from llm_jax import aot  # pylint: disable=g-import-not-at-top
+  from llm_jax.training import aot  # pylint: disable=g-import-not-at-top
   devices = aot.topology_devices('v5p:2x2x1')
   sharding = jax.sharding.SingleDeviceSharding(devices[0])
   B, T, N, K, H = 2, 512, 4, 2, 128

@@ -54,8 +54,8 @@ def test_data_pipeline_outpaces_the_step(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['nope'], 'Expected one subcommand (train, data, checkpoint, decode), got nope'),
-    (['train', '--config=configs/tiny.py', '--steps=0'], '--steps=0 must be at least 1'),
+    (['nope'], "Unknown subcommand 'nope': use one of train, data, checkpoint, decode"),
+    (['train', '--config=configs/tiny.py', '--steps=0'], '--steps=0'),
 ])
 def test_bad_input_is_one_clear_line(args, message):
   code, _, err = bench(*args)
@@ -63,9 +63,6 @@ def test_bad_input_is_one_clear_line(args, message):
   assert err.splitlines()[-1].startswith('error: ') and message in err, err
 
 
-def test_decode_is_dispatched_to_its_module():
-  code, _, err = bench('decode', '--help')
-  if os.path.exists(os.path.join(ROOT, 'llm_jax', 'bench_decode.py')):
-    assert code == 0, err
-  else:
-    assert code == 2 and 'needs llm_jax/bench_decode.py' in err, err
+def test_decode_needs_a_run():
+  code, _, err = bench('decode')
+  assert code == 2 and 'needs --workdir' in err, err

@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
-from llm_jax import configuration
-from llm_jax.errors import UserError
+from llm_jax.core import configuration
+from llm_jax.core.errors import UserError
 
 PRESETS = sorted(pathlib.Path(configuration.CONFIGS_DIR).glob('*.py'))
 

@@ -6,8 +6,20 @@ import os
 import numpy as np
 import pytest
 
-from llm_jax import convert, workdir as workdir_lib
-from llm_jax.errors import UserError
+from llm_jax import convert as convert_cli
+from llm_jax.interchange import hf as convert
+from llm_jax.runs import workdir as workdir_lib
+from llm_jax.training import checkpoint
+from llm_jax.core.errors import UserError
+
+
+def _cli(args: list[str]) -> int:
+  """Exit status of ``python -m llm_jax.convert ARGS``, run in this process."""
+  try:
+    convert_cli.main(args)
+  except SystemExit as e:
+    return e.code
+  return 0
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -92,8 +104,8 @@ def test_import_matches_transformers_logits_and_round_trips(tmp_path, make):
   assert diff2 <= 1e-5, diff2
   # ... and HF -> llm_jax again gives bit-identical parameters.
   again = workdir_lib.load(convert.import_hf(out_dir, str(tmp_path / 'run2')))
-  flat_a = convert.flatten_params(run.params)
-  flat_b = convert.flatten_params(again.params)
+  flat_a = checkpoint.flatten_params(run.params)
+  flat_b = checkpoint.flatten_params(again.params)
   assert flat_a.keys() == flat_b.keys()
   for key in flat_a:
     np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]),
@@ -150,19 +162,17 @@ def test_bad_keys_and_shapes_name_the_tensor(tmp_path):
 def test_cli_import_export_and_errors(tmp_path, capsys):
   hf_dir = _save(_gpt2(), tmp_path / 'hf')
   run_dir = str(tmp_path / 'run')
-  assert convert.main(['convert', 'import', f'--hf_dir={hf_dir}', f'--workdir={run_dir}']) == 0
-  assert convert.main(['convert', 'export', f'--workdir={run_dir}',
+  assert _cli(['import', f'--hf_dir={hf_dir}', f'--workdir={run_dir}']) == 0
+  assert _cli(['export', f'--workdir={run_dir}',
                        f'--out={tmp_path / "out"}', '--format=llama']) == 2
   assert 'model.norm=' in capsys.readouterr().err
-  assert convert.main(['convert', 'export', f'--workdir={run_dir}',
+  assert _cli(['export', f'--workdir={run_dir}',
                        f'--out={tmp_path / "out"}']) == 0
   assert (tmp_path / 'out' / 'model.safetensors').exists()
-  assert convert.main(['convert', 'import', f'--hf_dir={tmp_path}/nope',
+  assert _cli(['import', f'--hf_dir={tmp_path}/nope',
                        f'--workdir={tmp_path}/x']) == 2
   assert 'config.json' in capsys.readouterr().err
-  with pytest.raises(SystemExit) as e:
-    convert.main(['convert', '--help'])
-  assert e.value.code == 0
+  assert _cli(['--help']) == 0
 
 
 def test_bfloat16_checkpoint_imports(tmp_path):

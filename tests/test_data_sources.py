@@ -7,10 +7,10 @@ import os
 
 import pytest
 
-from llm_jax import configuration
+from llm_jax.core import configuration
 from llm_jax.data import clean
 from llm_jax.data import sources
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 
 
@@ -148,7 +148,7 @@ def test_jsonl_wrong_field_everywhere_is_a_user_error(tmp_path):
 
 
 def test_tfds_mock_lm1b_yields_texts():
-  from llm_jax.tfhost import tf  # pylint: disable=unused-import
+  from llm_jax.core.tfhost import tf  # noqa: F401  (hides accelerators from TF first)
   import tensorflow_datasets as tfds
   cfg = _data_config(source='tfds', tfds_name='lm1b', max_documents=4)
   with tfds.testing.mock_data(num_examples=6,

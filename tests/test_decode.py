@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_jax import decode, model
+from llm_jax.inference import decode
+from llm_jax.model import transformer as model
 
 TINY = dict(vocab_size=61, max_len=24, num_layers=2, d_model=32, num_heads=4,
             num_kv_heads=2, head_dim=8, mlp_dim=64, dtype='float32',

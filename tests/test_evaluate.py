@@ -9,10 +9,14 @@ import sys
 
 import pytest
 
-from llm_jax import configuration, evaluate, train
-from llm_jax import workdir as workdir_lib
+from llm_jax.core import configuration
+from llm_jax import evaluate
+from llm_jax.evaluation import lm, plots, scores
+from llm_jax.evaluation import tasks as tasks_lib
+from llm_jax import train
+from llm_jax.runs import workdir as workdir_lib
 from llm_jax.data import clean, sources
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,20 +53,20 @@ def runs(tmp_path_factory):
 
 def test_perplexity_equals_the_training_loops_eval(runs):
   run = workdir_lib.load(runs['dirs'][0])
-  out = evaluate.evaluate_split(run, log=lambda _: None)
+  out = lm.evaluate_split(run, log=lambda _: None)
   loop = runs['results'][0]
   # Same windows, same step function, one device instead of eight.
   assert out['perplexity'] == pytest.approx(math.exp(loop['val_loss']), rel=1e-4)
   assert out['bits_per_byte'] == pytest.approx(loop['val_bpb'], rel=1e-4)
   # A different batch size regroups the same windows: same figure.
-  regrouped = evaluate.evaluate_split(run, batch_size=3, log=lambda _: None)
+  regrouped = lm.evaluate_split(run, batch_size=3, log=lambda _: None)
   assert regrouped['perplexity'] == pytest.approx(out['perplexity'], rel=1e-4)
 
 
 def test_bits_per_byte_from_the_raw_text(runs):
   config = runs['config']
   run = workdir_lib.load(runs['dirs'][0])
-  out = evaluate.evaluate_split(run, log=lambda _: None)
+  out = lm.evaluate_split(run, log=lambda _: None)
   # By hand: the validation documents' UTF-8 bytes and tokens (+1 eos each).
   docs, _ = clean.clean_documents(sources.iter_documents(config.data), config.data.min_doc_chars)
   _, val_docs = clean.split_by_hash(docs, config.data.val_fraction)
@@ -78,7 +82,7 @@ def test_file_bits_per_byte_counts_bytes_not_characters(runs, tmp_path):
   text = 'def grüße(x):\n    return "héllo wörld" * x  # ünïcödé\n' * 40
   (tmp_path / 'a.txt').write_text(text, encoding='utf-8')
   run = workdir_lib.load(runs['dirs'][0])
-  out = evaluate.evaluate_files(run, str(tmp_path / '*.txt'))
+  out = lm.evaluate_files(run, str(tmp_path / '*.txt'))
   assert out['text_bytes'] == len(text.encode('utf-8')) > len(text)
   assert out['text_tokens'] == len(run.tokenizer.encode(text)) + 1
   assert out['bits_per_byte'] == pytest.approx(
@@ -87,32 +91,32 @@ def test_file_bits_per_byte_counts_bytes_not_characters(runs, tmp_path):
 
 def test_bleu_and_rouge_against_the_libraries():
   refs = ['the cat sat on the mat', 'the quick brown fox jumps over']
-  assert evaluate.bleu(refs, refs) == pytest.approx(100.0)
-  assert evaluate.rouge(refs, refs) == pytest.approx(
+  assert scores.bleu(refs, refs) == pytest.approx(100.0)
+  assert scores.rouge(refs, refs) == pytest.approx(
       {'rouge1': 1.0, 'rouge2': 1.0, 'rougeL': 1.0})
   hyps = ['the cat is on the mat', 'a quick brown dog jumps']
   # Golden values from sacrebleu 2.6.0 / rouge-score 0.1.2 (drift = a library change).
-  assert evaluate.bleu(hyps, refs) == pytest.approx(23.802516198921506, rel=1e-9)
+  assert scores.bleu(hyps, refs) == pytest.approx(23.802516198921506, rel=1e-9)
   import sacrebleu  # pylint: disable=g-import-not-at-top
-  assert evaluate.bleu(hyps, refs) == sacrebleu.corpus_bleu(hyps, [refs]).score
-  scores = evaluate.rouge(hyps, refs)
+  assert scores.bleu(hyps, refs) == sacrebleu.corpus_bleu(hyps, [refs]).score
+  got = scores.rouge(hyps, refs)
   # ROUGE-1 by hand: 5/6 overlap (F 5/6), then 3 of 5 vs 6 words (F 6/11).
-  assert scores['rouge1'] == pytest.approx((5 / 6 + 6 / 11) / 2, rel=1e-9)
-  assert scores['rouge2'] == pytest.approx(0.4111111111111111, rel=1e-9)
-  assert scores['rougeL'] == pytest.approx(0.6893939393939394, rel=1e-9)
+  assert got['rouge1'] == pytest.approx((5 / 6 + 6 / 11) / 2, rel=1e-9)
+  assert got['rouge2'] == pytest.approx(0.4111111111111111, rel=1e-9)
+  assert got['rougeL'] == pytest.approx(0.6893939393939394, rel=1e-9)
 
 
 def test_exact_match_counts():
   preds = ['Paris\nand more text', ' London ', 'x', 'Rome']
-  assert evaluate.exact_match(preds, ['Paris', 'London', 'y', 'rome']) == (2, 0.5)
+  assert scores.exact_match(preds, ['Paris', 'London', 'y', 'rome']) == (2, 0.5)
 
 
 def test_tasks_cli_scores_the_models_own_answer(runs, tmp_path, capsys):
   run = workdir_lib.load(runs['dirs'][0])
   prompts = ['import ', 'class ', 'def ']
-  outputs = evaluate.generate_texts(run, prompts, 6)
+  outputs = tasks_lib.generate_texts(run, prompts, 6)
   lines = [{'prompt': prompts[0], 'reference': outputs[0]},
-           {'prompt': prompts[1], 'answer': evaluate.first_line(outputs[1])},
+           {'prompt': prompts[1], 'answer': scores.first_line(outputs[1])},
            {'prompt': prompts[2], 'answer': 'certainly not this'}]
   tasks = tmp_path / 'tasks.jsonl'
   tasks.write_text(''.join(json.dumps(l) + '\n' for l in lines))
@@ -129,12 +133,12 @@ def test_tasks_cli_scores_the_models_own_answer(runs, tmp_path, capsys):
 
 
 def test_plot_two_runs(runs, tmp_path):
-  out = evaluate.plot(runs['dirs'], os.environ.get('LLM_JAX_KEEP_PLOT', str(tmp_path / 'curves.png')))
+  out = plots.plot(runs['dirs'], os.environ.get('LLM_JAX_KEEP_PLOT', str(tmp_path / 'curves.png')))
   data = open(out, 'rb').read()
   assert data[:8] == b'\x89PNG\r\n\x1a\n'
   width, height = struct.unpack('>II', data[16:24])
   assert (width, height) == (1200, 450) and len(data) > 20_000
-  scalars = evaluate.read_scalars(runs['dirs'][0])
+  scalars = plots.read_scalars(runs['dirs'][0])
   assert {10, 12} <= set(scalars['loss']) and {10, 12} <= set(scalars['lr'])
   assert sorted(scalars['val_loss']) == [0, 6, 12] and 'val_bpb' in scalars
 
@@ -153,4 +157,4 @@ def test_cli_help_and_bad_input(tmp_path):
 def test_bad_tasks_file(tmp_path):
   (tmp_path / 't.jsonl').write_text('{"prompt": "x"}\n')
   with pytest.raises(UserError, match=r't.jsonl:1 needs a string "prompt"'):
-    evaluate.read_tasks(str(tmp_path / 't.jsonl'))
+    tasks_lib.read_tasks(str(tmp_path / 't.jsonl'))

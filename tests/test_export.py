@@ -13,10 +13,13 @@ import sys
 import numpy as np
 import pytest
 
-from llm_jax import decode, export
-from llm_jax.errors import UserError
-from llm_jax.tfhost import tf
-import tensorflow_text  # pylint: disable=unused-import  # Registers the SentencePiece ops.
+from llm_jax.inference import decode
+from llm_jax.deploy import quantize, warmup
+from llm_jax.deploy import saved_model as export
+from llm_jax.core.errors import UserError
+from llm_jax.core.tfhost import tf
+from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-bad-import-order
+import tensorflow_text  # noqa: F401  (registers the SentencePiece ops)
 
 WIDTH = 12  # The export's static output width (conftest.exported_tiny_run).
 PROMPTS = ['def main(', 'import os\nclass Thing:\n    def __init__(self', '', 'x']
@@ -134,62 +137,22 @@ def test_bad_requests_are_errors_not_garbage(exported, loaded):
     tf1(export.TEXT_SIGNATURE, text=np.array([text], dtype=object), **_scalars())
 
 
-def _parse_fields(data: bytes) -> list[tuple[int, bytes]]:
-  """Length-delimited fields of a protobuf message (all this test needs)."""
-  fields, i = [], 0
-
-  def varint():
-    nonlocal i
-    shift = value = 0
-    while True:
-      byte = data[i]
-      i += 1
-      value |= (byte & 0x7F) << shift
-      shift += 7
-      if byte < 0x80:
-        return value
-
-  while i < len(data):
-    key = varint()
-    assert key & 7 == 2, key
-    n = varint()
-    fields.append((key >> 3, data[i:i + n]))
-    i += n
-  return fields
-
-
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
 def test_warmup_requests_parse_and_run(exported, loaded):
   run, out = exported
   _, tf1 = loaded
-  path = os.path.join(out, 'assets.extra', export.WARMUP_FILE)
-  records = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+  path = os.path.join(out, 'assets.extra', warmup.WARMUP_FILE)
   seen = []
-  for record in records:
-    (number, predict_log), = _parse_fields(record)
-    assert number == 6  # PredictionLog.predict_log
-    (number, request), = _parse_fields(predict_log)
-    assert number == 1  # PredictLog.request
-    fields = _parse_fields(request)
-    (signature,) = [dict(_parse_fields(v))[3].decode() for k, v in fields if k == 1]
-    inputs = {}
-    for k, v in fields:
-      if k == 2:
-        entry = dict(_parse_fields(v))
-        proto = tf.make_tensor_proto(0)
-        proto.ParseFromString(entry[2])
-        inputs[entry[1].decode()] = tf.make_ndarray(proto)
+  for record in tf.data.TFRecordDataset(path):
+    # The official TF Serving protos, as TF Serving reads them at load time.
+    request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+    signature = request.model_spec.signature_name
+    inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
     seen.append((signature, (inputs['tokens'] if 'tokens' in inputs else inputs['text']).shape))
     tf1(signature, **inputs)  # TF Serving runs each at load time.
   prompt_buckets = export.default_prompt_buckets(run.model_cfg.max_len)
   assert seen == ([('serving_default', (b, p)) for b in (1, 3) for p in prompt_buckets]
                   + [(export.TEXT_SIGNATURE, (b,)) for b in (1, 3)])
-  try:
-    from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  log = prediction_log_pb2.PredictionLog.FromString(records[0])
-  assert log.predict_log.request.model_spec.signature_name == 'serving_default'
 
 
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
@@ -201,6 +164,13 @@ def test_export_layout_and_info(exported):
   with open(os.path.join(out, 'assets.extra', export.INFO_FILE)) as f:
     info = json.load(f)
   assert info['max_new_tokens'] == WIDTH and info['step'] == run.step
+  # What a Session.Run client feeds and fetches, named in the export's JSON.
+  tensors = info['signature_tensors']
+  assert set(tensors) == {'serving_default', export.TEXT_SIGNATURE}
+  assert set(tensors['serving_default']['inputs']) == {
+      'tokens', 'lengths', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'}
+  assert all(':' in name for sig in tensors.values() for side in sig.values()
+             for name in side.values())
   # Nothing half-written is left beside the export.
   assert os.listdir(os.path.dirname(out)) == ['1']
 
@@ -218,8 +188,8 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
   ppl = info['perplexity']
   assert abs(ppl['int8'] / ppl['float32'] - 1) < 0.05, ppl
   # The in-graph dequantisation gives the tokens of the dequantised JAX params.
-  specs, arrays, treedef = export.flatten_params(run.params, 'int8')
-  deq = export.unflatten_params(specs, arrays, treedef)
+  specs, arrays, treedef = quantize.flatten_params(run.params, 'int8')
+  deq = quantize.unflatten_params(specs, arrays, treedef)
   prompts = [run.tokenizer.encode('def main(')]
   want = decode.decode_jit(deq, *decode.left_pad(prompts, 16, 0), 8, 0.0, 0, 1.0, 0,
                            graphdef=run.graphdef, width=WIDTH,

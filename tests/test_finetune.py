@@ -8,9 +8,23 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import convert, finetune, train, trainer, workdir as workdir_lib
+from llm_jax import convert as convert_cli
+from llm_jax.interchange import hf as convert
+from llm_jax.runs import init_from as finetune
+from llm_jax import train
+from llm_jax.training import trainer
+from llm_jax.runs import workdir as workdir_lib
 from llm_jax.data import pipeline, shards
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
+
+
+def _cli(args: list[str]) -> int:
+  """Exit status of ``python -m llm_jax.convert ARGS``, run in this process."""
+  try:
+    convert_cli.main(args)
+  except SystemExit as e:
+    return e.code
+  return 0
 
 _WORDS = ('the river carries cold water past old mills and quiet farms while '
           'herons wait in reeds for fish that swim upstream each spring season').split()
@@ -117,7 +131,7 @@ def test_extend_vocab_keeps_old_ids_and_logits(tmp_path, tiny_config):
     random.Random(i).shuffle(sentences)
     (tmp_path / 'zh' / f'{i}.txt').write_text('。\n'.join(sentences), encoding='utf-8')
   out = str(tmp_path / 'extended')
-  assert convert.main(['convert', 'extend_vocab', f'--workdir={imported}',
+  assert _cli(['extend_vocab', f'--workdir={imported}',
                        f'--text={tmp_path}/zh/*.txt', '--num_pieces=300',
                        f'--out={out}']) == 0
   base, ext = workdir_lib.load(imported), workdir_lib.load(out)

@@ -1,4 +1,4 @@
-"""The generate CLI (and the help of export and bench_decode): output and errors."""
+"""The generate CLI, and the --help of every command: output and errors."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from llm_jax import decode
+from llm_jax.inference import decode
 
 
 def _cli(module, *args):
@@ -16,8 +16,9 @@ def _cli(module, *args):
                              'TF_CPP_MIN_LOG_LEVEL': '3'})
 
 
-@pytest.mark.parametrize('module', ['llm_jax.generate', 'llm_jax.export',
-                                    'llm_jax.bench_decode'])
+@pytest.mark.parametrize('module', [
+    'llm_jax.train', 'llm_jax.generate', 'llm_jax.evaluate', 'llm_jax.export',
+    'llm_jax.convert', 'llm_jax.fill_mask', 'llm_jax.bench'])
 def test_help_exits_0(module):
   proc = _cli(module, '--help')
   assert proc.returncode == 0, proc.stderr[-2000:]

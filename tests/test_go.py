@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from llm_jax import decode
+from llm_jax.inference import decode
 
 GO_DIR = os.path.join(os.path.dirname(__file__), '..', 'serving', 'go')
 

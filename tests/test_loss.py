@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import loss as loss_lib
-from llm_jax import trainer
-from llm_jax.errors import UserError
+from llm_jax.training import objectives as loss_lib
+from llm_jax.training import trainer
+from llm_jax.core.errors import UserError
 
 
 def _unchunked(hidden_BTD, head_DV, targets_BT, weights_BT):
@@ -41,21 +41,22 @@ def test_chunked_equals_unchunked_loss_and_grads_with_weights():
     np.testing.assert_allclose(got, want, atol=1e-5)
     for g, w in zip(got_g, want_g):
       np.testing.assert_allclose(g, w, atol=1e-5)
-  # No weights means all ones, the same as trainer.cross_entropy.
+  # No weights means all ones, the same as loss_lib.cross_entropy.
   total, count = loss_lib.chunked_cross_entropy(hidden, head, targets, chunk=8)
   logits = jnp.einsum('BTD,DV->BTV', hidden, head)
-  ref_total, ref_count = trainer.cross_entropy(logits, targets)
+  ref_total, ref_count = loss_lib.cross_entropy(logits, targets)
   np.testing.assert_allclose(total, ref_total, rtol=1e-5)
   assert float(count) == float(ref_count) == B * T
 
 
 def test_train_step_with_chunked_loss_matches(tiny_config):
-  from llm_jax import bench, sharding  # pylint: disable=g-import-not-at-top
+  from llm_jax.perf import bench  # pylint: disable=g-import-not-at-top
+  from llm_jax.training import sharding  # pylint: disable=g-import-not-at-top
   results = []
   for chunk in (0, 16):
     config = tiny_config(train__loss_chunk=chunk)
     tr = trainer.Trainer.build(config, 128, sharding.make_mesh(config.mesh))
-    state, batch = tr.init_fn(), bench._random_batch(tr, config)
+    state, batch = tr.init_fn(), bench.random_batch(tr, config)
     _, m = tr.step_fn(state, batch)
     results.append((float(m['loss']), float(m['grad_norm'])))
   np.testing.assert_allclose(results[1], results[0], rtol=1e-5)

@@ -3,8 +3,8 @@
 import io
 import math
 
-from llm_jax import metrics
-from llm_jax.model import ModelConfig
+from llm_jax.training import metrics
+from llm_jax.model.transformer import ModelConfig
 
 
 def gpt2_124m() -> ModelConfig:

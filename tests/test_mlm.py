@@ -5,8 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from llm_jax import configuration, evaluate, fill_mask, model, train
-from llm_jax import workdir as workdir_lib
+from llm_jax.core import configuration
+from llm_jax.evaluation import lm
+from llm_jax import fill_mask
+from llm_jax.model import attention
+from llm_jax.model import transformer as model
+from llm_jax import train
+from llm_jax.runs import workdir as workdir_lib
 from llm_jax.data import masking, pipeline, shards
 from llm_jax.data import tokenizer as tokenizer_lib
 
@@ -89,12 +94,12 @@ def test_encoder_tokenizer_has_a_mask_piece(tmp_path, tiny_config):
 
 def test_attention_mask_and_bidirectional_encoder():
   seg = np.array([[1, 1, 2, 2, 0]])
-  causal = np.asarray(model.attention_mask(seg, True))
-  both = np.asarray(model.attention_mask(seg, False))
+  causal = np.asarray(attention.attention_mask(seg, True))
+  both = np.asarray(attention.attention_mask(seg, False))
   assert both[0, 0].tolist() == [True, True, False, False, False]
   assert causal[0, 1].tolist() == [True, True, False, False, False]
   assert causal[0, 3].tolist() == [False, False, True, True, False]
-  assert np.array_equal(np.asarray(model.attention_mask(None, True, length=4))[0],
+  assert np.array_equal(np.asarray(attention.attention_mask(None, True, length=4))[0],
                         np.tril(np.ones((4, 4), bool)))
   from flax import nnx  # pylint: disable=g-import-not-at-top
   base = dict(vocab_size=50, max_len=8, num_layers=1, d_model=16, num_heads=2,
@@ -169,7 +174,7 @@ def test_tiny_encoder_beats_the_unigram_baseline_and_fills_masks(tmp_path, capsy
   assert result['val_accuracy'] > max(3 * baseline, 0.25), (result['val_accuracy'], baseline)
   # evaluate scores the same masked positions as the loop.
   run = workdir_lib.load(str(tmp_path / 'run'))
-  out = evaluate.evaluate_split(run, log=lambda _: None)
+  out = lm.evaluate_split(run, log=lambda _: None)
   assert out['masked_accuracy'] == pytest.approx(result['val_accuracy'], rel=1e-6)
   assert out['loss'] == pytest.approx(result['val_loss'], rel=1e-4)
   # Fill-mask ranks by the model's own softmax, best first.

@@ -10,9 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from llm_jax import configuration
-from llm_jax import model
-from llm_jax.errors import UserError
+from llm_jax.core import configuration
+from llm_jax.model import transformer as model
+from llm_jax.core.errors import UserError
 
 TINY = dict(vocab_size=97, max_len=32, num_layers=2, d_model=32, num_heads=4,
             num_kv_heads=2, head_dim=8, mlp_dim=64, dtype='float32',

@@ -13,7 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One process of the job: joins through jax.distributed, trains, prints results.
 WORKER = r'''
 import hashlib, json, sys
-from llm_jax import configuration, sharding, train
+from llm_jax.core import configuration
+from llm_jax.training import sharding
+from llm_jax import train
 from llm_jax.data import pipeline
 coordinator, n, i, workdir, cache, steps, mesh = sys.argv[1:8]
 rows, real = [], pipeline.train_batches
@@ -65,7 +67,7 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(tmp_path):
   cache = tmp_path / 'cache'
   [(one, _)] = launch(1, 8, tmp_path / 'one', cache, 6, '8x1x1')
   two = launch(2, 4, tmp_path / 'two', cache, 6, '2x4x1')
-  for r, out in two:
+  for r, _ in two:
     assert r['step'] == 6
     for step, loss in one['losses'].items():
       assert abs(r['losses'][step] - loss) <= 1e-5 * abs(loss), (step, r, one)

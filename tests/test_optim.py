@@ -6,8 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from llm_jax import optim
-from llm_jax.errors import UserError
+from llm_jax.training import optim
+from llm_jax.core.errors import UserError
 
 
 def _optim_cfg(state_dtype):

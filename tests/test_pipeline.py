@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from llm_jax.data import pipeline
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 SEQ_LEN = 8
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import stop_with_signal
 from llm_jax import train
 from llm_jax.data import pipeline
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +72,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
 
 
 def tb_losses(workdir) -> dict:
-  from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
+  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
   losses = {}
   for path in glob.glob(str(workdir / 'tb' / 'events.*')):
     for event in tf.compat.v1.train.summary_iterator(path):

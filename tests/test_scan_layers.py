@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_jax import model, optim, sharding
+from llm_jax.model import transformer as model
+from llm_jax.training import optim
+from llm_jax.training import sharding
 
 BASE = dict(vocab_size=97, max_len=16, num_layers=3, d_model=32, num_heads=4,
             num_kv_heads=2, head_dim=8, mlp_dim=64, dtype='float32',

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llm_jax import configuration, model as model_lib, train
+from llm_jax.core import configuration
+from llm_jax.model import attention
+from llm_jax.model import transformer as model_lib
+from llm_jax import train
 from llm_jax.data import sft, shards
 
 TEMPLATE = '<|{role}|>\n{content}\n'
@@ -61,11 +64,11 @@ def test_prompt_tokens_carry_zero_weight(tokenizer):
 
 def test_attention_mask_keeps_segments_apart():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0]])
-  mask = np.asarray(model_lib.attention_mask(seg, causal=True))[0]
+  mask = np.asarray(attention.attention_mask(seg, causal=True))[0]
   expected = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
                        [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]], bool)
   np.testing.assert_array_equal(mask, expected)
-  full = np.asarray(model_lib.attention_mask(seg, causal=False))[0]
+  full = np.asarray(attention.attention_mask(seg, causal=False))[0]
   assert full[0, 1] and not full[0, 2]
 
 

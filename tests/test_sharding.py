@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import configuration, sharding, trainer
-from llm_jax.errors import UserError
+from llm_jax.core import configuration
+from llm_jax.training import sharding
+from llm_jax.training import trainer
+from llm_jax.core.errors import UserError
 
 VOCAB = 512
 
@@ -92,7 +94,7 @@ GOLDEN_SPECS = os.path.join(os.path.dirname(__file__), 'golden', 'partition_spec
 def partition_specs(config) -> dict:
   """'path/to/param' -> its PartitionSpec (as lists) under config.mesh.rules."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from llm_jax import model  # pylint: disable=g-import-not-at-top
+  from llm_jax.model import transformer as model  # pylint: disable=g-import-not-at-top
   cfg = model.ModelConfig.from_config(config.model, vocab_size=1024, max_len=64)
   _, abstract = nnx.split(nnx.eval_shape(lambda: model.Transformer(cfg, rngs=nnx.Rngs(0))))
   names = sharding.param_names(abstract)

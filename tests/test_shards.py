@@ -7,11 +7,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from llm_jax import configuration
+from llm_jax.core import configuration
 from llm_jax.data import clean
 from llm_jax.data import pipeline
 from llm_jax.data import shards
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 
 

@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 ENGLISH = 'The quick brown fox jumps over the lazy dog. It was 1984, again!'
 CHINESE = '中文分词测试：你好，世界。今天天气很好，我们去公园散步吧。'

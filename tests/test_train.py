@@ -11,7 +11,7 @@ import pytest
 
 from conftest import stop_with_signal
 from llm_jax import train
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from llm_jax import train, workdir as workdir_lib
-from llm_jax.errors import UserError
+from llm_jax import train
+from llm_jax.runs import workdir as workdir_lib
+from llm_jax.core.errors import UserError
 
 
 def test_load_returns_the_trained_parameters(tmp_path, tiny_config):
@@ -17,7 +18,7 @@ def test_load_returns_the_trained_parameters(tmp_path, tiny_config):
   assert run.tokenizer.vocab_size == result['vocab_size'] == run.model_cfg.vocab_size
   assert run.config.train.steps == 6 and run.config.mesh.data == config.mesh.data
   # The loaded parameters give the run's own validation loss.
-  from llm_jax import trainer
+  from llm_jax.training import trainer
   from llm_jax.data import pipeline, shards
   data = shards.prepare(config, log=lambda *_: None)
   windows = pipeline.TokenWindows(data.val_shards, data.manifest['dtype'], config.data.seq_len)
@@ -47,7 +48,8 @@ def test_load_refuses_a_directory_without_a_run(tmp_path):
 def test_a_scanned_run_loads_layer_by_layer(tmp_path, tiny_config):
   """decode, export and convert walk blocks/0, blocks/1, ...: load unstacks."""
   from flax import nnx
-  from llm_jax import decode, model as model_lib
+  from llm_jax.inference import decode
+  from llm_jax.model import transformer as model_lib
   config = tiny_config(train__steps=4, model__scan_layers=True)
   run_dir = str(tmp_path / 'run')
   train.run(config, run_dir)

@@ -9,9 +9,9 @@ import dataclasses
 import hashlib
 import re
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 # C0 and C1 control characters except \t and \n (\r is normalised first).
 # Format characters (category Cf, e.g. the zero-width joiner inside emoji

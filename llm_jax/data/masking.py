@@ -12,11 +12,12 @@ eval pass scores the same positions.
 """
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
+from llm_jax.data import batch as batch_lib
 
 MASK_RATE = 0.15  # Share of ordinary tokens the loss is computed on.
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # Of those: <mask>, random; rest kept.
@@ -80,8 +81,9 @@ class Masker:
     to_random = picked_BT & (action_BT >= MASK_SHARE) & (
         action_BT < MASK_SHARE + RANDOM_SHARE)
     inputs_BT = np.where(to_random, random_BT, inputs_BT)
-    return {'inputs': inputs_BT.astype(np.int32), 'targets': tokens_BT,
-            'weights': picked_BT.astype(np.float32)}
+    return batch_lib.check({'inputs': inputs_BT.astype(np.int32),
+                            'targets': tokens_BT.astype(np.int32),
+                            'weights': picked_BT.astype(np.float32)}, 'masked-LM batch')
 
   def train_batches(self, batches: Iterator[dict], start_step: int) -> Iterator[dict]:
     """Masks the pipeline's batches for steps ``start_step, start_step + 1, ...``."""

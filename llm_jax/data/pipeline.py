@@ -11,12 +11,14 @@ its own rows of the global batch.
 """
 
 import functools
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from llm_jax.data import batch as batch_lib
 from llm_jax.data import shards as shards_lib
-from llm_jax.errors import UserError
+from llm_jax.data.batch import Batch
+from llm_jax.core.errors import UserError
 
 _PERMUTATION_CACHE_SIZE = 4  # A batch spans at most two epochs; keep a few.
 
@@ -124,14 +126,14 @@ def batch_indices(step: int, *, global_batch: int, num_windows: int,
   return out
 
 
-def _split_window(windows: np.ndarray) -> dict:
-  return {'inputs': np.ascontiguousarray(windows[:, :-1]),
-          'targets': np.ascontiguousarray(windows[:, 1:])}
+def split_windows(windows: np.ndarray) -> Batch:
+  return batch_lib.check({'inputs': np.ascontiguousarray(windows[:, :-1], np.int32),
+                          'targets': np.ascontiguousarray(windows[:, 1:], np.int32)})
 
 
 def make_batch(windows: TokenWindows, step: int, *, global_batch: int,
                seed: int, process_index: int = 0,
-               process_count: int = 1) -> dict:
+               process_count: int = 1) -> Batch:
   """This host's batch for ``step``: ``{'inputs', 'targets'}``, int32 [B, T].
 
   ``targets`` is ``inputs`` shifted left by one token. This is the reference
@@ -141,7 +143,7 @@ def make_batch(windows: TokenWindows, step: int, *, global_batch: int,
                           num_windows=windows.num_windows, seed=seed,
                           process_index=process_index,
                           process_count=process_count)
-  return _split_window(windows.gather(indices))
+  return split_windows(windows.gather(indices))
 
 
 def train_batches(windows: TokenWindows, *, global_batch: int, seed: int,
@@ -157,7 +159,7 @@ def train_batches(windows: TokenWindows, *, global_batch: int, seed: int,
     ``{'inputs': int32[B, T], 'targets': int32[B, T]}`` with
     ``B = global_batch // process_count`` and ``T = windows.seq_len``.
   """
-  from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
+  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
   local_batch = _host_rows(global_batch, process_index, process_count)
   local_batch = local_batch[1] - local_batch[0]
   shape = (local_batch, windows.seq_len)
@@ -201,5 +203,5 @@ def eval_batches(windows: TokenWindows, *, global_batch: int,
   batches = []
   for k in range(num_batches):
     indices = chosen[k * global_batch + np.arange(lo, hi)]
-    batches.append(_split_window(windows.gather(indices)))
+    batches.append(split_windows(windows.gather(indices)))
   return batches

@@ -21,16 +21,17 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from llm_jax.data import batch as batch_lib
 from llm_jax.data import clean, pipeline, sources
 from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 Log = Callable[[str], None]
-KEYS = ('inputs', 'targets', 'weights', 'positions', 'segment_ids')
+KEYS = batch_lib.REQUIRED + batch_lib.OPTIONAL  # Packed rows carry every key.
 ASSISTANT = 'assistant'
 
 
@@ -124,7 +125,7 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
       out['positions'][r, span] = np.arange(n)
       out['segment_ids'][r, span] = seg
       start += n
-  return out
+  return batch_lib.check(out, 'SFT rows')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -34,7 +34,7 @@ import sentencepiece as spm
 from llm_jax.data import clean
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'

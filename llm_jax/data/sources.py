@@ -15,9 +15,9 @@ import json
 import logging
 import os
 import sysconfig
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 SOURCES = ('default', 'text', 'jsonl', 'tfds')
 
@@ -264,7 +264,7 @@ def _jsonl_text(line: str, field: str, where: str, log: Log,
 def _read_tfds(data_cfg, stats: SourceStats) -> Iterator[str]:
   """Loads a TFDS split; returns an iterator over its ``tfds_field`` texts."""
   # TF must come in through tfhost (accelerators hidden) before TFDS.
-  from llm_jax.tfhost import tf  # pylint: disable=unused-import
+  from llm_jax.core.tfhost import tf  # noqa: F401  (hides accelerators before TFDS imports TF)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, split, field = (data_cfg.tfds_name, data_cfg.tfds_split,
                         data_cfg.tfds_field)

@@ -19,12 +19,12 @@ import hashlib
 import io
 import os
 import time
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ('bpe', 'unigram')

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax import model as model_lib
-from llm_jax.errors import UserError
+from llm_jax.model import transformer as model_lib
+from llm_jax.core.errors import UserError
 
 ADAPTER_KEYS = ('lora_a', 'lora_b')
 

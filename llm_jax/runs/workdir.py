@@ -1,20 +1,31 @@
-"""Reading a run directory back: its config, tokenizer and trained parameters.
+"""A run directory: reading it back (config, tokenizer, parameters) and writing a new one.
 
-A workdir (DESIGN.md) holds ``config.json`` (the resolved config),
+A workdir (docs/runs-and-reliability.md) holds ``config.json`` (the resolved config),
 ``tokenizer.model`` (a copy of the run's SentencePiece model, so the directory
 is complete on its own), ``checkpoints/<step>/`` (Orbax) and ``tb/``.
-``generate``, ``evaluate``, ``export`` and ``init_from`` all start here.
+``generate``, ``evaluate``, ``export`` and ``init_from`` all start here;
+imports and vocabulary extension write new ones with ``write``.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
+import types
 from typing import Any
 
 from etils import epath
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from llm_jax.errors import UserError
+from llm_jax.core import files
+from llm_jax.core.errors import UserError
+from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.training import checkpoint as ckpt_lib
+from llm_jax.training import optim, sharding, steps, trainer
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -35,7 +46,6 @@ class Run:
 
   def model(self):
     """The NNX Transformer with these parameters."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     return nnx.merge(self.graphdef, self.params)
 
 
@@ -57,22 +67,17 @@ def save_tokenizer(workdir: str, model_bytes: bytes) -> str:
   path = epath.Path(workdir) / TOKENIZER_FILE
   if path.exists() and path.read_bytes() == model_bytes:
     return str(path)
-  tmp = path.with_name(TOKENIZER_FILE + '.tmp')
-  tmp.write_bytes(model_bytes)
-  tmp.replace(path)
-  return str(path)
+  return files.atomic_write(str(path), model_bytes)
 
 
 def load_tokenizer(workdir: str):
   """The run's tokenizer, or None if the workdir has none (e.g. a GPT-2 import)."""
-  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / TOKENIZER_FILE
   return tokenizer_lib.Tokenizer.load(str(path)) if path.exists() else None
 
 
 def latest_step(workdir: str) -> int:
   """The newest committed checkpoint step; UserError if there is none."""
-  from llm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   directory = epath.Path(workdir) / CHECKPOINTS_DIR
   steps = []
   if directory.exists():
@@ -97,10 +102,6 @@ def load(workdir: str, step: int | None = None) -> Run:
     UserError: not a run directory, no complete checkpoint, or the checkpoint
       does not fit the config.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from llm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from llm_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
 
   workdir = workdir if '://' in workdir else os.path.abspath(workdir)
   config = read_config(workdir)
@@ -134,3 +135,46 @@ def load(workdir: str, step: int | None = None) -> Run:
   return Run(workdir=workdir, config=config, model_cfg=model_cfg,
              graphdef=graphdef, params=params,
              tokenizer=load_tokenizer(workdir), step=step, meta=meta)
+
+
+def require_tokenizer(run):
+  """The run's tokenizer; UserError if its workdir has none."""
+  if run.tokenizer is None:
+    raise UserError(f'{run.workdir} has no tokenizer.model; copy the tokenizer the '
+                    'run was trained with there.')
+  return run.tokenizer
+
+
+def write(workdir: str, config, params: dict, *, vocab_size: int,
+          tokenizer_bytes: bytes | None, source: dict, step: int = 0) -> str:
+  """Writes a new run directory: config.json, tokenizer.model, checkpoints/<step>.
+
+  The directory appears whole or not at all (``files.atomic_dir``); an existing
+  non-empty ``workdir`` is refused. The checkpoint is a whole ``TrainState``
+  (fresh optimizer state) with the metadata ``trainer.checkpoint_meta``
+  writes; an import has no training data, so its data hash is None
+  (``checkpoint.check_compatible`` then skips it).
+  """
+  workdir = os.path.abspath(workdir)
+  with files.atomic_dir(workdir, what='run directory') as tmp:
+    if tokenizer_bytes is not None:
+      save_tokenizer(tmp, tokenizer_bytes)
+      # Where the tokenizer will be once the directory is renamed into place.
+      config.tokenizer.path = os.path.join(workdir, TOKENIZER_FILE)
+    files.atomic_write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    params = jax.device_put(params, jax.devices()[0])
+    state = steps.TrainState(
+        step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(config.seed)))
+    tok = types.SimpleNamespace(sha256=hashlib.sha256(tokenizer_bytes).hexdigest()
+                                if tokenizer_bytes is not None else None)
+    data = types.SimpleNamespace(tokenizer=tok, vocab_size=vocab_size,
+                                 manifest={'content_sha256': None})
+    meta = dict(trainer.checkpoint_meta(config, data, step), source=source)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(tmp, CHECKPOINTS_DIR), every=0, keep=1)
+    try:
+      ckpt.save(step, state, meta)
+    finally:
+      ckpt.close()
+  return workdir

@@ -1,19 +1,53 @@
-"""A cross-entropy that never holds the full float32 ``[B, T, V]`` logits.
+"""The training objectives, as losses over the batch contract (``llm_jax/data/batch.py``).
+
+``token_cross_entropy`` is the objective of every run today: next-token
+prediction (decoders), masked-token prediction (encoders) and response-only
+SFT differ only in the batch's ``targets`` and ``weights``. It returns a
+weighted sum and the total weight; the loss is their ratio.
+
+A cross-entropy that never holds the full float32 ``[B, T, V]`` logits:
 
 ``chunked_cross_entropy`` applies the LM head to ``chunk`` positions at a time
 inside a ``lax.scan``; each chunk's body is rematerialised, so the backward
 pass recomputes that chunk's logits instead of keeping them. Peak memory for
 the loss drops from ``B * T * V`` floats (plus their gradient) to about
 ``B * chunk * V``: with a 128k vocabulary, sequence 2048 and batch 8 that is
-8 GiB of logits against 1 GiB at chunk 256 (README, "Performance").
+8 GiB of logits against 1 GiB at chunk 256 (docs/performance.md).
 
-Letters as in ``llm_jax/model.py``; C is the chunk length.
+Letters as in ``llm_jax/model/transformer.py``; C is the chunk length.
 """
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
+from llm_jax.data.batch import Batch
+
+
+def token_cross_entropy(model, batch: Batch, *, loss_chunk: int = 0,
+                        need_logits: bool = False):
+  """``(weighted loss sum, total weight, logits or None)`` of ``model`` on ``batch``.
+
+  Args:
+    model: the Transformer (or a LoRA-wrapped one).
+    batch: the batch contract; ``positions`` and ``segment_ids`` (packed
+      rows) and ``weights`` are optional.
+    loss_chunk: ``train.loss_chunk``: apply the LM head this many positions
+      at a time (``chunked_cross_entropy``); 0 computes whole logits.
+    need_logits: the caller needs the ``[B, T, V]`` logits (e.g. an
+      encoder's masked-token accuracy): chunking is then skipped.
+  """
+  inputs = dict(tokens_BT=batch['inputs'], positions_BT=batch.get('positions'),
+                segment_ids_BT=batch.get('segment_ids'))
+  if loss_chunk and not need_logits:
+    loss_sum, count = chunked_cross_entropy(
+        model(**inputs, return_hidden=True), model.lm_head_DV(),
+        batch['targets'], batch.get('weights'), chunk=loss_chunk)
+    return loss_sum, count, None
+  logits_BTV = model(**inputs)
+  loss_sum, count = cross_entropy(logits_BTV, batch['targets'], batch.get('weights'))
+  return loss_sum, count, logits_BTV
 
 
 def chunked_cross_entropy(hidden_BTD: jax.Array, head_DV: jax.Array,
@@ -33,7 +67,7 @@ def chunked_cross_entropy(hidden_BTD: jax.Array, head_DV: jax.Array,
 
   Returns:
     ``(weighted_sum, weight_total)`` as float32 scalars, as
-    ``trainer.cross_entropy`` returns them: the loss is their ratio.
+    ``cross_entropy`` returns them: the loss is their ratio.
 
   Raises:
     UserError: ``chunk`` does not divide the sequence length.
@@ -72,3 +106,19 @@ def _divisor_near(T: int, chunk: int) -> int:
   """The divisor of ``T`` closest to ``chunk`` (for the error message)."""
   return min((d for d in range(1, T + 1) if T % d == 0),
              key=lambda d: abs(d - max(chunk, 1)))
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array,
+                  weights_BT: jax.Array | None = None):
+  """Weighted summed token cross-entropy (float32) and the total weight.
+
+  ``weights_BT`` (float32, one per target; None means all ones, and the total
+  is the token count) lets SFT count only response tokens and the masked-LM
+  objective only selected positions; the loss is their ratio.
+  """
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BTV.astype(jnp.float32), targets_BT)
+  if weights_BT is None:
+    return losses_BT.sum(), jnp.asarray(losses_BT.size, jnp.float32)
+  weights_BT = weights_BT.astype(jnp.float32)
+  return (losses_BT * weights_BT).sum(), weights_BT.sum()

@@ -1,9 +1,5 @@
-r"""Generation benchmark: JAX against the exported SavedModel, on this machine.
+r"""Generation benchmark behind ``python -m llm_jax.bench decode``: JAX against the SavedModel.
 
-    python -m llm_jax.bench_decode --workdir=runs/tiny [--batch=1,8]
-        [--prompt_len=32] [--max_new_tokens=64] [--repeats=3] [--json=OUT.json]
-
-(``python -m llm_jax.bench decode ...`` calls ``main`` with the same flags.)
 Exports the run twice (float32 and ``--quantize=int8``, lowered for cpu only)
 into a temporary directory, then times, per batch size, the same greedy
 requests through ``decode.decode_jit`` (jitted, compiled before timing) and
@@ -18,29 +14,20 @@ produces exactly ``max_new_tokens`` tokens in both. Prints a Markdown table,
 writes JSON. A measurement, not a test: figures vary with machine load.
 """
 
-import argparse
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
-from llm_jax.errors import UserError
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m llm_jax.bench_decode',
-                              description=__doc__.split('\n\n')[0])
-  p.add_argument('--workdir', required=True, help='A training run to load and export.')
-  p.add_argument('--batch', default='1,8', help='Comma-separated batch sizes.')
-  p.add_argument('--prompt_len', type=int, default=32, help='Prompt tokens per row.')
-  p.add_argument('--max_new_tokens', type=int, default=64, help='New tokens per row.')
-  p.add_argument('--repeats', type=int, default=3, help='Timed runs (the best counts).')
-  p.add_argument('--json', default='', help='Write the results here too.')
-  return p
+from llm_jax.core import tfhost
+from llm_jax.core.errors import UserError
+from llm_jax.core.tfhost import tf
+from llm_jax.deploy import saved_model as export
+from llm_jax.inference import decode
+from llm_jax.runs import workdir as workdir_lib
 
 
 def _best(fn, repeats: int) -> float:
@@ -65,7 +52,6 @@ def _measure(run_fn, batch: int, max_new: int, repeats: int) -> dict:
 
 def _export_sizes(run, tmp: str, width: int, log) -> dict:
   """Exports float32 and int8 (cpu, no stop tokens); returns dirs and sizes."""
-  from llm_jax import export  # pylint: disable=g-import-not-at-top
   result = {}
   for quantize in ('none', 'int8'):
     out = os.path.join(tmp, quantize)
@@ -83,10 +69,7 @@ def _export_sizes(run, tmp: str, width: int, log) -> dict:
 def bench(workdir: str, batches: list[int], prompt_len: int, max_new: int,
           repeats: int, log=print) -> dict:
   """Runs the benchmark; returns the results dict (see the module docstring)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from llm_jax import decode, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import
+  tfhost.import_text()  # The text signature's ops, before loading the export.
 
   run = workdir_lib.load(workdir)
   cfg = run.model_cfg
@@ -153,34 +136,3 @@ def markdown(r: dict) -> str:
               f'{ppl["int8"]:.3f} (int8), {100 * (ppl["int8"] / ppl["float32"] - 1):+.3f}% '
               f'over {ppl["tokens"]:,} tokens.']
   return '\n'.join(lines)
-
-
-def main(argv: list[str]) -> int:
-  """``python -m llm_jax.bench_decode`` (argv without the program name)."""
-  try:
-    args = _parser().parse_args(argv)
-  except SystemExit as e:
-    return int(e.code or 0)
-  try:
-    try:
-      batches = [int(b) for b in args.batch.split(',') if b]
-    except ValueError:
-      raise UserError(f'--batch={args.batch} must be comma-separated integers.') from None
-    if not batches or min(batches) < 1 or args.max_new_tokens < 2 or args.repeats < 1:
-      raise UserError('--batch values, --repeats must be >= 1 and --max_new_tokens >= 2.')
-    r = bench(args.workdir, batches, args.prompt_len, args.max_new_tokens, args.repeats,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    return 2
-  print(markdown(r), flush=True)
-  if args.json:
-    tmp = args.json + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(r, f, indent=2)
-    os.replace(tmp, args.json)
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))

@@ -153,7 +153,7 @@ class TensorBoard:
   def __init__(self, logdir: str):
     self._writer = None
     if jax.process_index() == 0:
-      from llm_jax.tfhost import tf  # pylint: disable=g-import-not-at-top
+      from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
       self._writer = tf.summary.create_file_writer(logdir)
 

@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
+from llm_jax.model import attention
 
 NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned')
@@ -252,7 +253,7 @@ class Dense(nnx.Module):
 
   The kernel keeps its named axes (``[D, N, H]`` for queries) so sharding and
   checkpoint import see heads, but the product runs as ``[M, D] @ [D, N*H]``:
-  on XLA:CPU that made the whole train step 1.2x faster (FACTS.md).
+  on XLA:CPU that made the whole train step 1.2x faster (docs/performance.md).
 
   Args:
     in_shape: the contracted axes of the kernel, e.g. ``(D,)`` or ``(N, H)``.
@@ -371,63 +372,10 @@ def apply_rope(x_BTNH: jax.Array, sin_BTH: jax.Array,
   return y_BTNH.astype(x_BTNH.dtype)
 
 
-def causal_mask(T: int) -> jax.Array:
-  """``[1, T, T]`` bool: query ``t`` sees keys ``s <= t`` (token order)."""
-  return jnp.tril(jnp.ones((T, T), jnp.bool_))[None]
-
-
-def attention_mask(segment_ids_BT: jax.Array | None, causal: bool, *,
-                   length: int | None = None) -> jax.Array:
-  """Which keys each query may attend to, ``[B, T, T]`` bool.
-
-  Packed examples (several per row, told apart by ``segment_ids_BT``) never
-  attend to each other; with ``causal`` a query also sees only keys at or
-  before it in the row. Padding takes its own id (0 by convention) and so sees
-  only other padding, which keeps every softmax row non-empty. Without segment
-  ids the mask is ``[1, T, T]`` (the same for every row).
-
-  Args:
-    segment_ids_BT: int ids of packed sequences; None: one sequence per row.
-    causal: also require key position <= query position (decoders).
-    length: T, needed when ``segment_ids_BT`` is None.
-  """
-  T = length if segment_ids_BT is None else segment_ids_BT.shape[1]
-  mask_BTS = causal_mask(T) if causal else jnp.ones((1, T, T), jnp.bool_)
-  if segment_ids_BT is not None:
-    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-  return mask_BTS
-
-
-def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-           mask_BTS: jax.Array) -> jax.Array:
-  """Plain XLA attention with grouped-query heads; returns ``[B, T, N, H]``.
-
-  Each of the K key/value heads serves G = N/K query heads: reshaping the
-  queries to ``[B, T, K, G, H]`` avoids materialising repeated keys and values.
-
-  Args:
-    q_BTNH: queries, already rotated (and in the compute dtype).
-    k_BSKH: keys, already rotated.
-    v_BSKH: values.
-    mask_BTS: True where query t may attend to key s; B may be 1.
-  """
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  q_BTKGH = (q_BTNH * H**-0.5).reshape(B, T, K, N // K, H)
-  # Scores and softmax in float32: bf16 logits would blur the distribution.
-  scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32)
-  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS,
-                           jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
-
-
 class Attention(nnx.Module):
   """Multi-head self-attention with grouped-query key/value heads.
 
-  The caller's mask makes it causal (``causal_mask``); ``attend`` is separate
+  The caller's mask makes it causal (``attention.causal_mask``); ``attention.attend`` is separate
   so a KV-cache decoder can project one step and attend to its cache.
   """
 
@@ -454,9 +402,8 @@ class Attention(nnx.Module):
     if rope is not None:
       q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
     if self.backend == 'xla':
-      return self.o(attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+      return self.o(attention.xla_attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
     # Other kernels (cuDNN, splash) behind the same signature.
-    from llm_jax import attention  # pylint: disable=g-import-not-at-top
     return self.o(attention.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS,
                                    backend=self.backend, causal=self.causal))
 
@@ -563,7 +510,7 @@ class Transformer(nnx.Module):
     else:
       rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta,
                          scaling_factor=self.cfg.rope_scaling_factor)
-    mask_BTS = attention_mask(segment_ids_BT, self.cfg.causal, length=T)
+    mask_BTS = attention.attention_mask(segment_ids_BT, self.cfg.causal, length=T)
     if self.cfg.scan_layers:
       x_BTD = self._scan_blocks(x_BTD, rope, mask_BTS)
     for block in ([] if self.cfg.scan_layers else self.blocks):
@@ -639,3 +586,9 @@ def unstack_blocks(params: dict) -> dict:
   blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked)
             for i in range(num_layers)}
   return {**params, 'blocks': blocks}
+
+
+def abstract_params(model_cfg) -> dict:
+  """Shapes of the model's parameters (no memory), as a pure nested dict."""
+  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+  return nnx.to_pure_dict(state)

@@ -34,15 +34,17 @@ S: cache slots (P + W).
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm_jax import model as model_lib
-from llm_jax.errors import UserError
+from llm_jax.model import attention
+from llm_jax.model import transformer as model_lib
+from llm_jax.core.errors import UserError
 
 
 # ---- The cached forward pass (drives the Transformer's own submodules).
@@ -81,7 +83,7 @@ def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
       k_BSKH, k_BTKH.astype(k_BSKH.dtype), slot, axis=1)
   v_BSKH = jax.lax.dynamic_update_slice_in_dim(
       v_BSKH, v_BTKH.astype(v_BSKH.dtype), slot, axis=1)
-  x_BTD = x_BTD + attn.o(model_lib.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS))
+  x_BTD = x_BTD + attn.o(attention.xla_attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS))
   x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
   return x_BTD, k_BSKH, v_BSKH
 

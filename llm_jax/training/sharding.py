@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -152,7 +152,7 @@ def check_divisible(abstract_params, names_tree, mesh: Mesh, rules) -> None:
   flat_names = jax.tree.leaves(names_tree, is_leaf=lambda x: isinstance(x, tuple))
   for (path, leaf), names in zip(flat_shapes, flat_names):
     spec = logical_to_spec(names, rules)
-    for dim, (size, axes, name) in enumerate(zip(leaf.shape, spec, names)):
+    for size, axes, name in zip(leaf.shape, spec, names):
       axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:

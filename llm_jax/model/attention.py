@@ -3,7 +3,7 @@
 ``attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, backend=...)`` returns ``[B, T, N, H]``
 whatever the backend (``config.model.attention``):
 
-  xla     ``model.attend``: einsums and a float32 softmax; runs anywhere and
+  xla     ``xla_attend``: einsums and a float32 softmax; runs anywhere and
           takes any mask (the reference the others are tested against).
   cudnn   ``jax.nn.dot_product_attention(implementation='cudnn')``: fused
           flash attention on NVIDIA GPUs (bf16/fp16 inputs).
@@ -13,15 +13,69 @@ whatever the backend (``config.model.attention``):
           mask: ``causal`` and ``segment_ids_BT`` describe the mask.
   auto    splash on TPU, cudnn on GPU, xla elsewhere.
 
-Letters as in ``llm_jax/model.py``.
+Letters as in ``llm_jax/model/transformer.py``.
 """
 
 import jax
 import jax.numpy as jnp
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 BACKENDS = ('xla', 'cudnn', 'splash', 'auto')
+
+
+def causal_mask(T: int) -> jax.Array:
+  """``[1, T, T]`` bool: query ``t`` sees keys ``s <= t`` (token order)."""
+  return jnp.tril(jnp.ones((T, T), jnp.bool_))[None]
+
+
+def attention_mask(segment_ids_BT: jax.Array | None, causal: bool, *,
+                   length: int | None = None) -> jax.Array:
+  """Which keys each query may attend to, ``[B, T, T]`` bool.
+
+  Packed examples (several per row, told apart by ``segment_ids_BT``) never
+  attend to each other; with ``causal`` a query also sees only keys at or
+  before it in the row. Padding takes its own id (0 by convention) and so sees
+  only other padding, which keeps every softmax row non-empty. Without segment
+  ids the mask is ``[1, T, T]`` (the same for every row).
+
+  Args:
+    segment_ids_BT: int ids of packed sequences; None: one sequence per row.
+    causal: also require key position <= query position (decoders).
+    length: T, needed when ``segment_ids_BT`` is None.
+  """
+  T = length if segment_ids_BT is None else segment_ids_BT.shape[1]
+  mask_BTS = causal_mask(T) if causal else jnp.ones((1, T, T), jnp.bool_)
+  if segment_ids_BT is not None:
+    mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+  return mask_BTS
+
+
+def xla_attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+           mask_BTS: jax.Array) -> jax.Array:
+  """Plain XLA attention with grouped-query heads; returns ``[B, T, N, H]``.
+
+  Each of the K key/value heads serves G = N/K query heads: reshaping the
+  queries to ``[B, T, K, G, H]`` avoids materialising repeated keys and values.
+
+  Args:
+    q_BTNH: queries, already rotated (and in the compute dtype).
+    k_BSKH: keys, already rotated.
+    v_BSKH: values.
+    mask_BTS: True where query t may attend to key s; B may be 1.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = (q_BTNH * H**-0.5).reshape(B, T, K, N // K, H)
+  # Scores and softmax in float32: bf16 logits would blur the distribution.
+  scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32)
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS,
+                           jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)
+
 
 
 def resolve(backend: str, platform: str | None = None) -> str:
@@ -64,8 +118,7 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   """
   backend = resolve(backend, platform)
   if backend == 'xla':
-    from llm_jax import model  # pylint: disable=g-import-not-at-top
-    return model.attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    return xla_attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
   if backend == 'cudnn':
     return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
   if segment_ids_BT is None and mask_BTS.shape[0] != 1:

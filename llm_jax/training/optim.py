@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 STATE_DTYPES = ('float32', 'bfloat16')  # For optim.state_dtype.
 

@@ -8,9 +8,9 @@ declare, which catches typos made in notebooks as the CLI catches them in flags.
 import importlib.util
 import pathlib
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs'
 
 
 def load_preset(path: str | pathlib.Path):

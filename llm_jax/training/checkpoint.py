@@ -16,7 +16,7 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-from llm_jax.errors import UserError
+from llm_jax.core.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
 _MUST_MATCH = ('model', 'lora')
@@ -250,3 +250,15 @@ def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a tree of arrays, for restore."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def flatten_params(params: dict, prefix: str = '') -> dict[str, Any]:
+  """``{'blocks': {0: {'attn': ...}}}`` -> ``{'blocks/0/attn/...': array}``."""
+  return flatten(params, '/', prefix)
+
+
+def unflatten_like(flat: dict[str, Any], like: dict, prefix: str = '') -> dict:
+  """The nested dict shaped as ``like`` (int keys kept) with ``flat``'s values."""
+  return {key: (unflatten_like(flat, value, f'{prefix}{key}/')
+                if isinstance(value, dict) else flat[f'{prefix}{key}'])
+          for key, value in like.items()}

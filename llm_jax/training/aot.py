@@ -13,8 +13,9 @@ import re
 import jax
 import jax.numpy as jnp
 
-from llm_jax import sharding, trainer
-from llm_jax.errors import UserError
+from llm_jax.training import sharding
+from llm_jax.training import trainer
+from llm_jax.core.errors import UserError
 
 GIB = 2**30
 # HBM per chip, for TPU topologies compiled from elsewhere (no live device to ask).

@@ -1,0 +1,291 @@
+r"""The SavedModel export's library (the command is ``python -m llm_jax.export``).
+
+    python -m llm_jax.export --workdir=runs/tiny --out=runs/tiny/export/1 [--quantize=int8]
+
+The whole generation loop (``decode.decode_tokens``: prefill plus KV-cache
+steps in one ``lax.while_loop``) is converted with jax2tf's native
+serialization (StableHLO inside an ``XlaCallModule`` op), lowered for cpu,
+cuda and tpu together, without gradients. Batch and prompt width are
+polymorphic; the output width W (``--max_new_tokens``) is static and the
+number of tokens a request wants is a runtime scalar. Parameters are a flat
+list of ``tf.Variable``s (constants would hit protobuf's 2 GB limit).
+
+Signatures (docs/serving.md documents them):
+
+* ``serving_default``: ``tokens`` int32 [batch, prompt_len] (left-padded),
+  ``lengths`` int32 [batch], scalars ``max_new_tokens`` int32,
+  ``temperature`` float32, ``top_k`` int32, ``top_p`` float32, ``seed``
+  int32 -> ``tokens`` int32 [batch, W], ``counts`` int32 [batch].
+* ``generate_text``: ``text`` string [batch] and the same scalars ->
+  ``text`` string [batch] (the continuations), ``tokens`` int32 [batch, W]
+  and ``counts`` int32 [batch] as in ``serving_default``.
+  SentencePiece runs inside the graph (tensorflow-text); the ``.model`` file
+  is also in ``assets/tokenizer.model`` for clients that tokenize themselves.
+
+Requests the model cannot answer fail with InvalidArgument (graph asserts):
+a length outside ``1 .. min(prompt_len, max_len - 1)`` (the prompt must fit
+the context with room for one new token), a token id outside the vocabulary,
+or lengths and tokens that disagree on the batch.
+
+``assets.extra/tf_serving_warmup_requests`` holds TF Serving warm-up requests
+(PredictionLog TFRecords) for every (batch, prompt) bucket: each new shape
+compiles once inside ``XlaCallModule``. ``assets.extra/llm_jax_export.json``
+records the export (signatures, buckets, sizes, the int8 perplexity check).
+
+The export is written to a temporary directory beside ``--out`` and renamed
+into place: a failed export leaves nothing that looks complete.
+"""
+
+import os
+import time
+from collections.abc import Sequence
+
+from jax.experimental import jax2tf
+import numpy as np
+
+from llm_jax.core import files
+from llm_jax.core.errors import UserError
+from llm_jax.core import tfhost
+from llm_jax.core.tfhost import tf
+from llm_jax.deploy import quantize as quantize_lib
+from llm_jax.deploy import warmup
+from llm_jax.deploy.warmup import TEXT_SIGNATURE
+from llm_jax.inference import decode
+from llm_jax.runs import workdir as workdir_lib
+
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+SCALARS = (('max_new_tokens', 'int32'), ('temperature', 'float32'),
+           ('top_k', 'int32'), ('top_p', 'float32'), ('seed', 'int32'))
+INFO_FILE = 'llm_jax_export.json'
+# An export directory holds this file: only such a directory may be replaced.
+EXPORT_MARKER = os.path.join('assets.extra', INFO_FILE)
+
+
+def default_prompt_buckets(max_len: int) -> list[int]:
+  """16, 32, 64, ... below the context, then the context itself."""
+  return decode.prompt_buckets(max_len)
+
+
+# ---- The TF module.
+
+
+def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
+                  platforms: Sequence[str], prompt_buckets: Sequence[int],
+                  tokenizer_path: str | None):
+  """A tf.Module with the parameter variables and both signature functions."""
+
+  cfg = run.model_cfg
+  pad_id = decode.pad_id_of(run)
+
+  def jax_fn(flat, tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
+    params = quantize_lib.unflatten_params(specs, flat, treedef)
+    return decode.decode_tokens(params, tokens, lengths, max_new_tokens, temperature,
+                                top_k, top_p, seed, graphdef=run.graphdef, width=width,
+                                stop_ids=stop_ids, pad_id=pad_id)
+
+  tf_fn = jax2tf.convert(
+      jax_fn, with_gradient=False, native_serialization_platforms=tuple(platforms),
+      polymorphic_shapes=[None, '(b, p)', '(b,)', '()', '()', '()', '()', '()'])
+
+  module = tf.Module()
+  module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
+                   for i, a in enumerate(arrays)]
+  scalar_specs = [tf.TensorSpec([], getattr(tf, dt), name=n) for n, dt in SCALARS]
+
+  def checked_generate(tokens, lengths, *scalars):
+    """The asserts a request must pass, then the converted decode loop."""
+    width_p = tf.shape(tokens)[1]
+    checks = [
+        tf.debugging.assert_equal(tf.shape(lengths)[0], tf.shape(tokens)[0], message=(
+            'lengths must have one entry per row of tokens')),
+        tf.debugging.assert_greater_equal(lengths, 1, message=(
+            'every prompt needs at least one token (lengths >= 1)')),
+        tf.debugging.assert_less_equal(lengths, width_p, message=(
+            'a length exceeds the prompt width (tokens.shape[1])')),
+        tf.debugging.assert_less(lengths, cfg.max_len, message=(
+            f'prompt longer than the model context: lengths must be below '
+            f'max_len={cfg.max_len} (room for one new token)')),
+        tf.debugging.assert_greater_equal(tokens, 0, message='token id below 0'),
+        tf.debugging.assert_less(tokens, cfg.vocab_size, message=(
+            f'token id outside the vocabulary [0, {cfg.vocab_size})')),
+    ]
+    with tf.control_dependencies(checks):
+      tokens = tf.identity(tokens)
+    out, counts = tf_fn(list(module.params), tokens, lengths, *scalars)
+    out.set_shape([None, width])
+    return out, counts
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None, None], tf.int32, name='tokens'),
+                                tf.TensorSpec([None], tf.int32, name='lengths'),
+                                *scalar_specs])
+  def serve(tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
+    out, counts = checked_generate(tokens, lengths, max_new_tokens, temperature,
+                                   top_k, top_p, seed)
+    return {'tokens': out, 'counts': counts}
+
+  module.serve = serve
+  signatures = {'serving_default': serve}
+  if tokenizer_path is not None:
+    module.tokenizer_model = tf.saved_model.Asset(tokenizer_path)
+    module.sp, module.text = _text_function(run, tokenizer_path, checked_generate,
+                                            scalar_specs, prompt_buckets, pad_id)
+    signatures[TEXT_SIGNATURE] = module.text
+  return module, signatures
+
+
+def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
+                   prompt_buckets, pad_id):
+  """(tokenizer, the strings-in strings-out signature function)."""
+  tf_text = tfhost.import_text()
+
+  with open(tokenizer_path, 'rb') as f:
+    sp = tf_text.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
+  tok = run.tokenizer
+  sp_vocab, unk, eos = tok.vocab_size, tok.unk_id, tok.eos_id
+  buckets = tf.constant(sorted(prompt_buckets), tf.int32)
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None], tf.string, name='text'),
+                                *scalar_specs])
+  def text(text, max_new_tokens, temperature, top_k, top_p, seed):
+    ids = sp.tokenize(text)
+    lengths = tf.cast(ids.row_lengths(), tf.int32)
+    longest = tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 1)
+    dense = ids.to_tensor(default_value=pad_id)
+    # All-empty prompts give zero columns: make room for the end-of-text.
+    dense = tf.pad(dense, [[0, 0], [0, longest - tf.shape(dense)[1]]],
+                   constant_values=pad_id)
+    # An empty prompt starts from end-of-text, a document boundary (as
+    # decode.generate does on the host).
+    empty = tf.equal(lengths, 0)
+    first_col = tf.equal(tf.range(longest), 0)
+    dense = tf.where(empty[:, None] & first_col[None, :], eos, dense)
+    lengths = tf.maximum(lengths, 1)
+    # Left padding: reverse each row's tokens in place, then the whole row.
+    dense = tf.reverse(tf.reverse_sequence(dense, lengths, seq_axis=1, batch_axis=0),
+                       axis=[1])
+    # Pad to the prompt bucket (as llm_jax.generate does), so text requests
+    # reuse the compiled shapes the warm-up made.
+    fits = tf.boolean_mask(buckets, buckets >= longest)
+    width_p = tf.cond(tf.size(fits) > 0, lambda: fits[0], lambda: longest)
+    dense = tf.pad(dense, [[0, 0], [width_p - longest, 0]], constant_values=pad_id)
+    out, counts = checked_generate(dense, lengths, max_new_tokens, temperature,
+                                   top_k, top_p, seed)
+    new = tf.RaggedTensor.from_tensor(out, lengths=counts)
+    # Ids the model knows but the tokenizer does not (a padded or extended
+    # vocabulary) detokenize as unknown.
+    known = (new.flat_values >= 0) & (new.flat_values < sp_vocab)
+    new = new.with_flat_values(tf.where(known, new.flat_values, unk))
+    return {'text': sp.detokenize(new), 'tokens': out, 'counts': counts}
+
+  # The tokenizer holds a TF resource: the module must track it.
+  return sp, text
+
+
+# ---- Export.
+
+
+def export(workdir: str, out: str, *, step: int | None = None, quantize: str = 'none',
+           max_new_tokens: int = 128, batch_buckets: Sequence[int] = (1, 4, 8),
+           prompt_buckets: Sequence[int] | None = None,
+           platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
+           eval_batches: int = 8, text_signature: bool = True,
+           stop_ids: Sequence[int] | None = None, log=print) -> dict:
+  """Writes the SavedModel of a run to ``out`` (whole or not at all).
+
+  Args (besides the CLI's flags):
+    stop_ids: tokens that end a row (default: the tokenizer's end-of-text;
+      ``()`` makes every row run to ``max_new_tokens``, as the benchmark does).
+
+  Returns:
+    The export info (also in ``assets.extra/llm_jax_export.json``).
+
+  Raises:
+    UserError: no checkpoint, ``out`` exists, or a bad option.
+  """
+
+  out = os.path.abspath(out)
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise UserError(f'--out={out} already exists; pass --overwrite to replace it or '
+                    'choose another directory (e.g. the next version number).')
+  # Never replace the run itself, or anything that is not an earlier export.
+  run_dir = os.path.abspath(workdir)
+  guard = dict(protect=(run_dir,), allow_inside=(os.path.join(run_dir, 'export'),),
+               what='export')
+  files.check_replaceable(out, marker=EXPORT_MARKER, **guard)
+  bad = [p for p in platforms if p not in PLATFORMS]
+  if bad:
+    raise UserError(f'--platforms has {bad[0]!r}; choose from {", ".join(PLATFORMS)}.')
+  run = workdir_lib.load(workdir, step)
+  cfg = run.model_cfg
+  width = max(1, min(max_new_tokens, cfg.max_len - 1))
+  prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
+  t0 = time.time()
+  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
+  tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
+                    if run.tokenizer is not None and text_signature else None)
+  stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
+  module, signatures = _build_module(
+      run, specs, arrays, treedef, width=width, platforms=platforms, stop_ids=stop_ids,
+      prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path)
+
+  with files.atomic_dir(out, overwrite=overwrite, marker=EXPORT_MARKER, **guard) as tmp:
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    info = {
+        'workdir': run.workdir, 'step': run.step, 'quantize': quantize,
+        'max_new_tokens': width, 'max_len': cfg.max_len,
+        'vocab_size': cfg.vocab_size, 'platforms': list(platforms),
+        'stop_ids': list(stop_ids), 'batch_buckets': list(batch_buckets),
+        'prompt_buckets': prompt_buckets,
+        'signatures': ['serving_default'] + ([TEXT_SIGNATURE] if tokenizer_path else []),
+        # Signature -> argument -> graph tensor: what a Session.Run client
+        # (the Go runtime) feeds and fetches, without parsing saved_model.pb.
+        'signature_tensors': signature_tensors(tmp),
+        'param_bytes': int(sum(a.nbytes for a in arrays)),
+        'param_bytes_float32': int(sum(4 * int(np.prod(s.shape)) for s in specs)),
+    }
+    extra = os.path.join(tmp, 'assets.extra')
+    os.makedirs(extra, exist_ok=True)
+    fill = run.tokenizer.unk_id if run.tokenizer is not None else 0
+    warmup.write(os.path.join(extra, warmup.WARMUP_FILE),
+                 ((sig, inputs) for sig, inputs in warmup.warmup_requests(
+                     batch_buckets, prompt_buckets, cfg.max_len, fill)
+                  if sig != TEXT_SIGNATURE or tokenizer_path is not None))
+    if quantize == 'int8' and eval_batches > 0:
+      info['perplexity'] = quantize_lib.int8_perplexity(run, specs, arrays, treedef,
+                                                        eval_batches)
+    info['saved_model_bytes'] = dir_bytes(tmp)
+    info['export_seconds'] = round(time.time() - t0, 1)
+    files.atomic_write_json(os.path.join(extra, INFO_FILE), info)
+  log(f'Exported step {run.step} of {run.workdir} to {out} '
+      f'({info["saved_model_bytes"] / 2**20:.2f} MiB, {quantize}) in '
+      f'{info["export_seconds"]:.0f}s.')
+  if 'perplexity' in info:
+    p = info['perplexity']
+    log(f'int8: parameters {info["param_bytes"] / 2**20:.2f} MiB against '
+        f'{info["param_bytes_float32"] / 2**20:.2f} MiB float32; validation '
+        f'perplexity {p["float32"]:.3f} -> {p["int8"]:.3f} '
+        f'({100 * (p["int8"] / p["float32"] - 1):+.3f}%).')
+  return info
+
+
+def signature_tensors(saved_model_dir: str) -> dict:
+  """``{signature: {'inputs': {name: tensor}, 'outputs': {name: tensor}}}``.
+
+  Read from ``saved_model.pb`` with TensorFlow's own protobuf classes.
+  """
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = saved_model_pb2.SavedModel()
+  with open(os.path.join(saved_model_dir, 'saved_model.pb'), 'rb') as f:
+    proto.ParseFromString(f.read())
+  graph = proto.meta_graphs[0]
+  return {name: {'inputs': {k: v.name for k, v in sig.inputs.items()},
+                 'outputs': {k: v.name for k, v in sig.outputs.items()}}
+          for name, sig in graph.signature_def.items() if name != '__saved_model_init_op'}
+
+
+def dir_bytes(path: str) -> int:
+  """Total size of the files under ``path``."""
+  return sum(os.path.getsize(os.path.join(d, f))
+             for d, _, files in os.walk(path) for f in files)

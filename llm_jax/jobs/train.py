@@ -1,0 +1,232 @@
+"""One training job: data, trainer, restore or init, the loop, samples, summary.
+
+``run(config, workdir)`` is what ``python -m llm_jax.train`` and notebooks call.
+Every objective of the trainer goes through it: a decoder LM on token windows,
+an encoder's masked LM (the same windows, masked per step from (seed, step))
+and SFT on packed chat examples. ``_Inputs`` hides which: it serves the train
+batches from any step and the fixed validation batches.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import resource
+import time
+from typing import Any
+from collections.abc import Callable, Iterator
+
+from etils import epath
+import jax
+
+from llm_jax.core import files
+from llm_jax.core.configuration import check_keys
+from llm_jax.core.errors import UserError
+from llm_jax.data import masking, pipeline, sft, shards
+from llm_jax.evaluation import tasks
+from llm_jax.runs import init_from as init_from_lib
+from llm_jax.runs import workdir as workdir_lib
+from llm_jax.training import checkpoint, loop, metrics, sharding, trainer
+
+
+def _write_config(config, workdir: str) -> None:
+  """Writes the resolved config to workdir/config.json (whole or not at all)."""
+  if jax.process_index() != 0:
+    return
+  text = json.dumps(json.loads(config.to_json()), indent=2)
+  files.atomic_write(str(epath.Path(workdir) / workdir_lib.CONFIG_FILE), text)
+
+
+def _make_workdir(workdir: str) -> str:
+  """Creates the run directory (local, or a gs:// path every host can see)."""
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'Cannot create the run directory {workdir}: {e}. Pick a '
+                    'writable --workdir.') from e
+  return workdir
+
+
+def run(config, workdir: str | None = None) -> dict:
+  """Prepares data, trains (or resumes) and returns the final metrics.
+
+  Args:
+    config: a ConfigDict shaped like configs/base.py.
+    workdir: the run directory; default runs/<config.name>.
+
+  Returns:
+    Final metrics: step, loss, val_loss, val_ppl, loss_history, val_history,
+    tokens_per_sec, mfu, unigram_entropy, peak_rss_gib, wall_seconds, workdir,
+    samples.
+  """
+  t0 = time.perf_counter()
+  check_keys(config)
+  workdir = _make_workdir(workdir or os.path.join('runs', config.name))
+  if config.init_from:
+    init_from_lib.use_source_tokenizer(config)  # Before config.json records it.
+  _write_config(config, workdir)
+  if config.train.compile_cache:
+    # Compiled steps persist across restarts: a resumed run starts sooner.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
+  inputs = _Inputs.prepare(config)
+  data = inputs.data
+  if jax.process_index() == 0:
+    # The workdir is complete on its own: generate/evaluate/export need no cache.
+    workdir_lib.save_tokenizer(workdir, data.tokenizer.model_bytes)
+  metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
+              'nats/token (a model must beat this to have learnt anything).')
+  mesh = sharding.make_mesh(config.mesh)
+  tr = trainer.Trainer.build(config, data.vocab_size, mesh)
+  metrics.say(f'Model: {tr.model_cfg.num_params():,} parameters; mesh '
+              f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
+              f'device(s); workdir {workdir}')
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR),
+                                 every=config.checkpoint.every, keep=config.checkpoint.keep,
+                                 keep_every=config.checkpoint.keep_every)
+  try:
+    state, result = _resume_and_train(config, tr, ckpt, inputs, workdir)
+  finally:
+    ckpt.close()  # Even on an error, a save in flight is finished, not left torn.
+  if result.get('stopped_early'):
+    how = ('Run the same command to resume.' if result.get('stopped_by_signal') else
+           'Run again with a larger --config.train.stop_at (or 0) to go on.')
+    metrics.say(f'Stopped at step {result["step"]} with a checkpoint saved in '
+                f'{ckpt.directory}. {how}')
+    return result
+  result['samples'] = trainer.sample_texts(tr, state.params, data.tokenizer, config)
+  result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
+                vocab_size=data.vocab_size, wall_seconds=time.perf_counter() - t0,
+                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  _summarise(result)
+  return result
+
+
+@dataclasses.dataclass
+class _Inputs:
+  """The run's data, whichever objective: train batches and validation batches."""
+  config: Any
+  data: Any  # shards.PreparedData or sft.SftData
+  masker: masking.Masker | None  # Encoders: masked LM from (seed, step).
+
+  @classmethod
+  def prepare(cls, config) -> '_Inputs':
+    if config.data.source == 'sft':  # Instruction tuning: packed chat examples.
+      return cls(config, sft.prepare(config, log=metrics.say), None)
+    data = shards.prepare(config, log=metrics.say)
+    masker = None
+    if config.model.kind == 'encoder':
+      masker = masking.Masker.from_tokenizer(
+          data.tokenizer, seed=config.seed, global_batch=config.train.batch_size,
+          **_hosts())
+    return cls(config, data, masker)
+
+  @property
+  def is_sft(self) -> bool:
+    return isinstance(self.data, sft.SftData)
+
+  def _windows(self, paths):
+    return pipeline.TokenWindows(paths, self.data.manifest['dtype'],
+                                 self.config.data.seq_len)
+
+  def num_windows(self) -> int:
+    return (self.data.num_windows if self.is_sft else
+            self._windows(self.data.train_shards).num_windows)
+
+  def eval_batches(self) -> list[dict]:
+    kw = dict(global_batch=self.config.train.batch_size,
+              num_batches=self.config.train.eval_batches, **_hosts())
+    if self.is_sft:  # data.sft.SftData serves its own batches.
+      return self.data.eval_batches(**kw)
+    batches = pipeline.eval_batches(self._windows(self.data.val_shards), **kw)
+    return batches if self.masker is None else self.masker.eval_batches(batches)
+
+  def train_batches(self, start: int) -> Iterator[dict]:
+    kw = dict(global_batch=self.config.train.batch_size, seed=self.config.seed,
+              start_step=start, **_hosts())
+    if self.is_sft:
+      return self.data.train_batches(**kw)
+    batches = pipeline.train_batches(self._windows(self.data.train_shards), **kw)
+    return batches if self.masker is None else self.masker.train_batches(batches, start)
+
+  def val_bytes_per_token(self) -> float:
+    """UTF-8 bytes per validation token (0 for SFT): evals add bits per byte."""
+    return 0.0 if self.is_sft else self.data.manifest['splits']['val']['bytes_per_token']
+
+
+def _hosts() -> dict:
+  return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _resume_and_train(config, tr, ckpt, inputs: _Inputs, workdir):
+  """Restores or initialises the state, then trains what is left of the run."""
+  meta_fn = lambda step: trainer.checkpoint_meta(config, inputs.data, step)
+  init = (functools.partial(init_from_lib.init_state, tr, config.init_from)
+          if config.init_from else None)
+  state, start = loop.restore_or_init(tr, ckpt, meta_fn(0), init=init)
+  eval_batches = [sharding.global_batch(b, tr.batch_sharding)
+                  for b in inputs.eval_batches()]
+  if config.train.stop_at and start >= config.train.stop_at < config.train.steps:
+    metrics.say(f'Already at step {start}, at or past train.stop_at='
+                f'{config.train.stop_at}: nothing to do. Raise it, or set it to 0 to '
+                f'train on to train.steps={config.train.steps}.')
+    return state, {'step': start, 'stopped_early': True, 'stop_at': True,
+                   'val_history': {}, 'loss_history': {}}
+  if start >= config.train.steps:
+    metrics.say(f'Training is already complete: the checkpoint is at step {start} '
+                f'and train.steps={config.train.steps}. Raise '
+                '--config.train.steps to train further.')
+    return state, {'step': start, 'val_history': {}, 'loss_history': {},
+                   **tr.evaluate(state.params, eval_batches)}
+  return _train(config, tr, ckpt, state, start, inputs, eval_batches, workdir, meta_fn)
+
+
+def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdir,
+           meta_fn: Callable[[int], dict]):
+  """Runs the loop with its outputs wired up; returns (final state, metrics)."""
+  seq_len, batch = config.data.seq_len, config.train.batch_size
+  peak, peak_source = metrics.peak_flops(config.train.peak_flops)
+  flops = metrics.train_flops_per_token(tr.model_cfg, seq_len)
+  metrics.say(f'MFU: {flops / 1e6:.1f} MFLOP/token (6N + attention) against '
+              f'{peak_source}.')
+  io = loop.LoopIO(
+      progress=metrics.ProgressLine(config.train.steps),
+      tb=metrics.TensorBoard(os.path.join(workdir, 'tb')),
+      thr=metrics.Throughput(batch * seq_len, flops, peak),
+      log_every=config.train.log_every, nan_policy=config.train.nan_policy,
+      max_nan_skips=config.train.max_nan_skips,
+      val_bytes_per_token=inputs.val_bytes_per_token())
+  if config.train.eval_tasks and not inputs.is_sft:
+    io.extra_eval = tasks.loop_task_eval(config, tr, inputs.data.tokenizer)
+  batches = inputs.train_batches(start)
+  metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
+              f'{batch} x {seq_len} tokens ({inputs.num_windows():,} windows per epoch).')
+  state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
+                                io, meta_fn)
+  return state, {**result, 'tokens_per_step': batch * seq_len}
+
+
+def _summarise(r: dict) -> None:
+  for prompt, greedy, sampled in r['samples']:
+    metrics.say(f'--- prompt {prompt!r}\n[greedy]  {prompt}{greedy}\n'
+                f'[sampled] {prompt}{sampled}')
+  half = r['unigram_entropy'] / 2
+  verdict = 'below' if r['val_loss'] < half else 'NOT below'
+  metrics.say(
+      f'Done at step {r["step"]}: val loss {r["val_loss"]:.4f} (ppl {r["val_ppl"]:.2f}), '
+      f'{verdict} half the unigram entropy ({half:.3f}). '
+      f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
+      f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
+  if 'val_accuracy' in r:  # An encoder: its loss is on masked tokens only.
+    metrics.say(f'Masked-token accuracy {r["val_accuracy"]:.4f} (python -m '
+                f'llm_jax.fill_mask --workdir={r["workdir"]} --text="... <mask> ...").')
+  if r.get('save_block_seconds') and r.get('tokens_per_sec'):
+    step_s = r['tokens_per_step'] / r['tokens_per_sec']
+    held = sorted(r['save_block_seconds'])
+    metrics.say(f'First step (compile + run) {r["first_step_seconds"]:.1f}s; '
+                f'{len(held)} async checkpoint saves held the loop {1000 * held[len(held) // 2]:.0f} '
+                f'ms (median), {1000 * held[-1]:.0f} ms at most, beyond finishing the step '
+                f'they save; a step takes {1000 * step_s:.0f} ms.')
+  metrics.say(f'Run directory: {r["workdir"]} (checkpoints/, tb/, config.json). '
+              f'TensorBoard: tensorboard --logdir {r["workdir"]}/tb')

@@ -1,0 +1,148 @@
+"""Starting a run from existing weights: ``config.init_from``.
+
+``init_state`` builds a fresh run's ``TrainState`` whose parameters come from
+another run's (or an imported) checkpoint, with this run's own optimizer
+state, schedule and data. The parameter shapes must match; LoRA adapters
+(``llm_jax/model/lora.py``) keep their own fresh init. ``config_from`` makes
+the config of a run that continues another (``configs/continued.py``).
+"""
+
+import dataclasses
+import logging
+import os
+
+import jax
+import numpy as np
+
+from llm_jax.core.configuration import base_config
+from llm_jax.core.errors import UserError
+from llm_jax.model import lora
+from llm_jax.model import transformer as model_lib
+from llm_jax.runs import workdir as workdir_lib
+from llm_jax.training import metrics
+from llm_jax.training.checkpoint import flatten_params, unflatten_like
+
+# Model keys that change how the model computes, never its function or shapes.
+_COMPUTE_ONLY = ('dtype', 'remat', 'attention', 'scan_layers')
+
+
+def resolve(init_from: str) -> tuple[str, int | None]:
+  """(workdir, step) of ``init_from``: a workdir, or a step directory in one."""
+  path = os.path.abspath(os.path.expanduser(init_from))
+  name, parent = os.path.basename(path), os.path.dirname(path)
+  if name.isdigit() and os.path.basename(parent) == 'checkpoints':
+    return os.path.dirname(parent), int(name)
+  return path, None
+
+
+def source_tokenizer(init_from: str) -> str | None:
+  """The path of the source run's tokenizer.model, or None if it has none."""
+  workdir, _ = resolve(init_from)
+  workdir_lib.read_config(workdir)  # A clear error if it is not a run directory.
+  path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
+  return path if os.path.exists(path) else None
+
+
+def use_source_tokenizer(config) -> None:
+  """With ``init_from`` and no ``tokenizer.path``, uses the source's tokenizer.
+
+  The new run must encode text with the ids its starting weights learnt; a
+  source without a SentencePiece tokenizer (a GPT-2 import) needs one given.
+  """
+  if not config.init_from or config.tokenizer.path:
+    return
+  path = source_tokenizer(config.init_from)
+  if path is None:
+    raise UserError(
+        f'init_from={config.init_from} has no tokenizer.model (e.g. a GPT-2 '
+        'import, whose tokenizer is not SentencePiece). Set '
+        '--config.tokenizer.path to a SentencePiece model with the same ids.')
+  config.tokenizer.path = path
+
+
+def _model_differences(source_cfg, target_cfg) -> list[str]:
+  out = []
+  for field in dataclasses.fields(target_cfg):
+    a = getattr(source_cfg, field.name, None)
+    b = getattr(target_cfg, field.name)
+    if field.name not in _COMPUTE_ONLY and a != b:
+      key = field.name if field.name in ('vocab_size', 'max_len') else f'model.{field.name}'
+      out.append(f'{key}: {a!r} there, {b!r} here')
+  return out
+
+
+def check_fits(source_flat: dict, target_flat: dict, source_cfg, target_cfg,
+               where: str) -> None:
+  """Raises UserError naming the first parameter that does not fit."""
+  diffs = _model_differences(source_cfg, target_cfg)
+  why = f' (model differences: {"; ".join(diffs)})' if diffs else ''
+  for path, spec in target_flat.items():
+    if '/lora_' in path:
+      continue
+    if path not in source_flat:
+      raise UserError(f'init_from={where} has no parameter {path}{why}. Use the '
+                      'same model config as the source run.')
+    if tuple(source_flat[path].shape) != tuple(spec.shape):
+      raise UserError(f'init_from={where}: parameter {path} has shape '
+                      f'{list(source_flat[path].shape)} there but '
+                      f'{list(spec.shape)} here{why}. Use the same model config '
+                      'as the source run.')
+  extra = sorted(set(source_flat) - set(target_flat))
+  if extra:
+    raise UserError(f'init_from={where} has parameter {extra[0]}, which this '
+                    f'model lacks{why}. Use the same model config as the source run.')
+  if diffs:
+    logging.warning('init_from=%s: same shapes, but the model config differs: %s',
+                    where, '; '.join(diffs))
+
+
+def init_state(trainer, init_from: str):
+  """A fresh TrainState whose (non-adapter) parameters come from ``init_from``."""
+  workdir, step = resolve(init_from)
+  run = workdir_lib.load(workdir, step)
+  params = run.params  # Unrolled blocks: workdir.load unstacks a scanned run.
+  if any('/lora_' in k for k in flatten_params(params)):
+    params = lora.merge(params, run.config.lora)
+  if trainer.model_cfg.scan_layers:
+    params = model_lib.stack_blocks(params)
+  source = flatten_params(params)
+  abstract = trainer.abstract_state().params
+  target = flatten_params(abstract)
+  check_fits(source, target, run.model_cfg, trainer.model_cfg, init_from)
+  state = trainer.init_fn()
+  fresh = flatten_params(state.params)
+  def place(value, spec):
+    # From a host copy, each device taking its own slice: no device needs
+    # the whole array, and it works where the mesh spans several hosts.
+    host = np.asarray(jax.device_get(value))
+    return jax.make_array_from_callback(host.shape, spec.sharding, lambda i: host[i])
+
+  merged = {path: (fresh[path] if '/lora_' in path else place(source[path], spec))
+            for path, spec in target.items()}
+  metrics.say(f'Initialised from {workdir} (step {run.step}); optimizer state, '
+              'schedule and data are this run\'s own.')
+  return state.replace(params=unflatten_like(merged, abstract))
+
+
+def config_from(init_from: str, base=None):
+  """A config that continues ``init_from``: its model, this run's everything else.
+
+  The model section (and, for a learned position table, ``data.seq_len``) is
+  the source run's; ``init_from`` is set; data, optimizer and schedule are
+  ``base``'s (configs/base.py by default), to override on the command line.
+  """
+  config = base_config() if base is None else base
+  if not init_from:
+    return config  # `--help` and the key checks load presets without one.
+  workdir, _ = resolve(init_from)
+  source = workdir_lib.read_config(workdir)
+  for key in config.model.keys():
+    if key in source.model:
+      config.model[key] = source.model[key]
+  if source.model.position == 'learned' or source.data.seq_len < config.data.seq_len:
+    config.data.seq_len = source.data.seq_len
+  config.init_from = init_from
+  config.name = f'{os.path.basename(workdir)}-continued'
+  return config
+
+

@@ -1,0 +1,183 @@
+"""The Trainer: model, optimizer, shardings and the jitted steps, built once.
+
+``Trainer.build(config, vocab_size, mesh)`` turns a config into everything the
+loop needs: the model's graph definition, the optimizer, the sharding of every
+array of the train state, and the jitted init, train and eval steps
+(``llm_jax/training/steps.py``). ``checkpoint_meta`` is what a checkpoint
+records besides arrays; ``sample_texts`` the end-of-run samples.
+"""
+
+import dataclasses
+import functools
+import json
+import time
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llm_jax.core.errors import UserError
+from llm_jax.inference import decode
+from llm_jax.model import lora
+from llm_jax.model import transformer as model_lib
+from llm_jax.model.transformer import ModelConfig, Transformer
+from llm_jax.training import optim, sharding
+from llm_jax.training.steps import TrainState, eval_step, train_step
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything the loop needs, built once from the config and the data."""
+  config: Any
+  model_cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  init_fn: Any
+  step_fn: Any
+  eval_fn: Any
+
+  @classmethod
+  def build(cls, config, vocab_size: int, mesh) -> 'Trainer':
+    model_cfg = ModelConfig.from_config(
+        config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
+    _check_train_config(config, mesh)
+    schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+    tx = optim.make_optimizer(config.optim, config.train.steps)
+    if lora.enabled(config):  # Only the adapters are trained (and have state).
+      tx = lora.optimizer(tx)
+    rules = config.mesh.rules
+
+    def init_fn():
+      model = _make_model(config, model_cfg, config.seed)
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(params),
+                        rng=jax.random.key_data(jax.random.key(config.seed)))
+
+    # Shapes first (no memory), then shardings from the parameters' logical
+    # axes, then init directly into those shardings: no device ever holds a
+    # full copy of a sharded parameter.
+    graphdef, abstract_params = nnx.split(
+        nnx.eval_shape(lambda: _make_model(config, model_cfg, 0)))
+    names = sharding.param_names(abstract_params)
+    sharding.check_divisible(nnx.to_pure_dict(abstract_params), names, mesh, rules)
+    p_shard = sharding.tree_shardings(names, mesh, rules)
+    abstract = jax.eval_shape(init_fn)
+    rep = sharding.replicated(mesh)
+    state_shardings = TrainState(
+        step=rep, params=p_shard, rng=rep,
+        opt_state=(lora.opt_state_shardings(abstract.opt_state, p_shard, mesh)
+                   if lora.enabled(config) else
+                   sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh)))
+    batch_shard = sharding.batch_sharding(mesh, rules)
+    step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                             accum_steps=config.optim.grad_accum_steps,
+                             loss_chunk=config.train.loss_chunk)
+    return cls(
+        config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
+        schedule=schedule, state_shardings=state_shardings, batch_sharding=batch_shard,
+        init_fn=jax.jit(init_fn, out_shardings=state_shardings),
+        step_fn=jax.jit(step, in_shardings=(state_shardings, batch_shard),
+                        out_shardings=(state_shardings, rep), donate_argnums=0),
+        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                          loss_chunk=config.train.loss_chunk),
+                        in_shardings=(p_shard, batch_shard), out_shardings=rep))
+
+  def unrolled(self, params) -> tuple[ModelConfig, Any, Any]:
+    """(model config, graphdef, params) of the same model layer by layer.
+
+    Decoding, export and conversion walk ``blocks/0``, ``blocks/1``, ...; a
+    run with ``model.scan_layers`` holds its blocks stacked, so they are
+    unstacked here (the same weights). Unscanned models pass through.
+    """
+    if not self.model_cfg.scan_layers:
+      return self.model_cfg, self.graphdef, params
+    model_cfg = dataclasses.replace(self.model_cfg, scan_layers=False)
+    graphdef = nnx.split(nnx.eval_shape(
+        lambda: _make_model(self.config, model_cfg, 0)))[0]
+    return model_cfg, graphdef, model_lib.unstack_blocks(params)
+
+  def abstract_state(self) -> TrainState:
+    shapes = jax.eval_shape(self.init_fn)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes, self.state_shardings)
+
+  def evaluate(self, params, batches: list[dict]) -> dict:
+    """Mean validation loss and perplexity over fixed batches."""
+    totals = [self.eval_fn(params, b) for b in batches]
+    loss_sum = sum(float(t['loss_sum']) for t in totals)
+    count = sum(float(t['count']) for t in totals)
+    loss = loss_sum / count
+    out = {'val_loss': loss, 'val_ppl': float(np.exp(min(loss, 50)))}
+    if not self.model_cfg.causal:
+      # The encoder's metric: how often the masked token is the argmax.
+      out['val_accuracy'] = sum(float(t['correct']) for t in totals) / count
+    return out
+
+
+def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
+  """The Transformer, with LoRA adapters where ``config.lora`` asks for them."""
+  model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
+  return lora.apply(model, config.lora, seed) if lora.enabled(config) else model
+
+
+def _check_train_config(config, mesh) -> None:
+  """Refuses train settings that cannot work, before anything is compiled."""
+  if config.train.nan_policy not in ('halt', 'skip'):
+    raise UserError(f"train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
+  batch, accum = config.train.batch_size, config.optim.grad_accum_steps
+  ways = sharding.batch_divisor(mesh, config.mesh.rules)
+  if accum < 1 or batch % accum:
+    raise UserError(f'train.batch_size={batch} must be a multiple of '
+                    f'optim.grad_accum_steps={accum} (and that at least 1).')
+  if (batch // accum) % ways:
+    raise UserError(
+        f'Each micro-batch ({batch // accum} sequences) must split evenly over '
+        f'the {ways} batch shards of the mesh {dict(mesh.shape)}; make '
+        f'train.batch_size a multiple of {ways * accum}.')
+
+
+def checkpoint_meta(config, data, step: int) -> dict:
+  """What a checkpoint records besides arrays: enough to refuse a bad resume."""
+  import flax, optax as _optax, orbax.checkpoint as _ocp  # pylint: disable=g-import-not-at-top,g-multiple-import
+  return {
+      'config': json.loads(config.to_json()),
+      'step': step,
+      'tokenizer_sha256': data.tokenizer.sha256,
+      'vocab_size': data.vocab_size,
+      'data_sha256': data.manifest['content_sha256'],
+      'versions': {'jax': jax.__version__, 'flax': flax.__version__,
+                   'optax': _optax.__version__, 'orbax': _ocp.__version__},
+      'mesh': dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+          config.mesh, jax.device_count()))),
+      'process_count': jax.process_count(),
+      'time': time.time(),
+  }
+
+
+def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str, str, str]]:
+  """(prompt, greedy continuation, sampled continuation) for each prompt."""
+  prompts = [p for p in config.train.sample_prompts.split('|') if p]
+  prompts = prompts[:config.train.num_samples]
+  if not prompts or not trainer.model_cfg.causal:  # An encoder does not continue text.
+    return []
+  ids = [tokenizer.encode(p) for p in prompts]
+  out = []
+  _, graphdef, params = trainer.unrolled(params)
+  for temperature in (0.0, config.train.sample_temperature):
+    new = decode.generate(
+        graphdef, params, ids, max_new_tokens=config.train.sample_tokens,
+        temperature=temperature, seed=config.seed, max_len=trainer.model_cfg.max_len,
+        pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
+    out.append([tokenizer.decode(t) for t in new])
+  return list(zip(prompts, out[0], out[1]))
+
+
