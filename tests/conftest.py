@@ -79,3 +79,17 @@ def stop_with_signal(proc, line_prefix: str, signum: int) -> tuple[int, str]:
   stopped = [l for l in out.splitlines() if l.startswith('Stopped at step')]
   assert stopped, out[-2000:]
   return int(stopped[0].split()[3]), out
+
+
+@pytest.fixture
+def command_status():
+  """Runs a command's ``main(args)`` in this process; returns its exit status."""
+
+  def run(main, args: list[str]) -> int:
+    try:
+      main(args)
+    except SystemExit as e:
+      return e.code
+    return 0
+
+  return run

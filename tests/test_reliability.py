@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -28,10 +29,10 @@ def read_checkpoint(path):
 
 
 def assert_trees_bit_equal(a, b):
-  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+  """Same structure, dtypes and bits in every leaf (chex names the first that differs)."""
+  chex.assert_trees_all_equal_structs(a, b)
+  chex.assert_trees_all_equal_dtypes(a, b)
+  chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def cli(workdir, cache, *overrides, popen=False):

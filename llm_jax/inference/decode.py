@@ -37,6 +37,7 @@ import functools
 from typing import Any
 from collections.abc import Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,6 +208,7 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   Returns:
     ``(tokens_BW int32, counts_B int32)``.
   """
+  chex.assert_rank([tokens_BP, lengths_B], [2, 1])  # Symbolic sizes are fine.
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   B, P = tokens_BP.shape

@@ -9,6 +9,7 @@ CPU, a device mesh and export.
 import functools
 from typing import Any
 
+import chex
 from flax import nnx, struct
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ def _loss_fn(params, batch, graphdef, loss_chunk: int = 0):
 def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
                accum_steps: int, loss_chunk: int = 0) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch, accumulating micro-batch grads."""
+  # The batch contract at the step's door: every key [B, T] (checked at trace time).
+  chex.assert_rank(batch['inputs'], 2)
+  chex.assert_equal_shape(list(batch.values()))
   grad_fn = jax.value_and_grad(
       functools.partial(_loss_fn, loss_chunk=loss_chunk), has_aux=True)
   if accum_steps == 1:
