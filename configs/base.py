@@ -53,11 +53,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ''
   c.data.num_threads = 2  # Threads for tokenizer training and encoding.
 
-  # ---- Tokenizer: SentencePiece, trained on the cleaned training documents.
+  # ---- Tokenizer: trained on the cleaned training documents, or loaded.
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.path = ''  # An existing .model file to use instead of training.
+  # An existing tokenizer to use instead of training: a SentencePiece .model,
+  # or a Hugging Face tokenizer.json, vocab.txt (WordPiece), vocab.json (with
+  # merges.txt beside it) or a directory holding them.
+  c.tokenizer.path = ''
+  # What to train: 'sentencepiece' (lossless BPE/unigram, tensorflow-text runs
+  # it inside exports), 'bytelevel_bpe' (Hugging Face byte-level BPE, as
+  # GPT-2 and RoBERTa: <s> <pad> </s> <unk>, and <mask> for an encoder) or
+  # 'wordpiece' (BERT: [PAD] [UNK] [CLS] [SEP], and [MASK] for an encoder).
+  c.tokenizer.kind = 'sentencepiece'
   c.tokenizer.vocab_size = 1024  # Pieces in the trained vocabulary.
-  c.tokenizer.model_type = 'bpe'  # 'bpe' or 'unigram'.
+  c.tokenizer.model_type = 'bpe'  # SentencePiece only: 'bpe' or 'unigram'.
+  c.tokenizer.lowercase = True  # WordPiece only: lowercase and strip accents (BERT uncased).
   # Share of characters the vocabulary must cover; 0.9995 keeps rare CJK
   # characters as pieces while byte fallback covers the rest.
   c.tokenizer.character_coverage = 0.9995
@@ -93,6 +102,24 @@ def get_config() -> ml_collections.ConfigDict:
   # Linear RoPE scaling (HF rope_scaling type 'linear'): positions are divided
   # by this factor; 1.0 is plain RoPE.
   c.model.rope_scaling_factor = 1.0
+  # BERT/RoBERTa (set by `python -m llm_jax.convert import`, or for an encoder
+  # trained here; see docs/encoders.md). Where the block norms sit: 'pre'
+  # (before each sublayer, then a final norm) or 'post' (after each residual
+  # add, BERT: the embeddings are normed and there is no final norm).
+  c.model.norm_position = 'pre'
+  c.model.gelu = 'tanh'  # The GELU MLP's: 'tanh' (GPT-2's approximation) or 'exact' (BERT).
+  c.model.type_vocab_size = 0  # Rows of a token-type table (BERT 2, RoBERTa 1; 0: none).
+  # Learned positions read row position + this (RoBERTa's padding offset: 2).
+  c.model.position_offset = 0
+  # BERT's masked-LM head: dense + GELU + LayerNorm before the (tied) output,
+  # which then has a bias.
+  c.model.mlm_head = False
+  # What the model outputs: 'lm' (token logits), or an encoder's task head:
+  # 'classification' (labels of a text or pair, from the first token) or 'qa'
+  # (an answer's start and end in the context). See the task section.
+  c.model.head = 'lm'
+  # Classes of a 'classification' head: set from task.labels (leave at 0).
+  c.model.num_labels = 0
 
   # ---- Instruction tuning (data.source='sft'; see llm_jax/data/sft.py and
   # configs/sft.py): data.paths are JSONL files of {"prompt", "response"} or
@@ -105,6 +132,30 @@ def get_config() -> ml_collections.ConfigDict:
   # Pack several examples into one row (segment ids keep them apart); False
   # puts one example per row, padded.
   c.sft.pack = True
+
+  # ---- Encoder tasks (model.head 'classification' or 'qa'; docs/encoders.md):
+  # labelled examples instead of data.source. The tokenizer is tokenizer.path,
+  # init_from's, or one trained on the task's texts; a row is data.seq_len
+  # tokens.
+  c.task = ml_collections.ConfigDict()
+  # Training examples: JSONL (classification: one object per line) or SQuAD
+  # v1.1/v2.0 JSON (qa, the official format).
+  c.task.train_path = ''
+  # Validation examples in the same format; '': data.val_fraction of the
+  # training examples (by content hash).
+  c.task.val_path = ''
+  c.task.text_field = 'text'  # Classification: the JSONL field of the text.
+  c.task.text_pair_field = ''  # Classification: the second text of a pair ('': none).
+  c.task.label_field = 'label'  # Classification: the JSONL field of the label.
+  # Classification: the label set in id order, comma-separated; '': the sorted
+  # labels of the training file. A label outside it stops the run.
+  c.task.labels = ''
+  c.task.doc_stride = 128  # QA: tokens between the starts of a long context's windows.
+  c.task.max_query_len = 64  # QA: question tokens kept (longer ones are cut).
+  c.task.max_answer_len = 30  # QA: the longest answer (tokens) the span search returns.
+  # QA (SQuAD v2): answer "no answer" when its score beats the best span's by
+  # more than this (the official evaluation's null-score threshold).
+  c.task.null_threshold = 0.0
 
   # ---- LoRA: low-rank adapters on chosen kernels, the base frozen.
   c.lora = ml_collections.ConfigDict()

@@ -44,11 +44,11 @@ class Masker:
     mask_id = tokenizer.mask_id
     if mask_id < 0:
       raise UserError(
-          f'The tokenizer {tokenizer.path} has no <mask> piece, which '
-          "model.kind='encoder' needs. Leave tokenizer.path empty so one is "
-          'trained with it, or pass a tokenizer that has one.')
+          f'The tokenizer {tokenizer.path} has no mask token (<mask>, [MASK]), '
+          "which model.kind='encoder' needs. Leave tokenizer.path empty so one "
+          'is trained with it, or pass a tokenizer that has one.')
     special = sorted({tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id,
-                      tokenizer.eos_id, mask_id} - {-1})
+                      tokenizer.eos_id, mask_id, *tokenizer.special_ids} - {-1})
     return cls(vocab_size=tokenizer.vocab_size, mask_id=mask_id,
                special_ids=tuple(special), seed=seed, global_batch=global_batch,
                process_index=process_index, process_count=process_count)

@@ -31,7 +31,8 @@ from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.core.errors import UserError
 
 Log = Callable[[str], None]
-KEYS = batch_lib.REQUIRED + batch_lib.OPTIONAL  # Packed rows carry every key.
+# Packed rows carry every key of the language-model objective.
+KEYS = ('inputs', 'targets', 'weights', 'positions', 'segment_ids')
 ASSISTANT = 'assistant'
 
 
@@ -192,7 +193,7 @@ def prepare(config, log: Log = logging.info) -> SftData:
   if not config.tokenizer.path:
     raise UserError("data.source='sft' needs a tokenizer: set init_from (its "
                     'tokenizer.model is used) or --config.tokenizer.path.')
-  tokenizer = tokenizer_lib.Tokenizer.load(config.tokenizer.path)
+  tokenizer = tokenizer_lib.load(config.tokenizer.path)
   examples = read_examples(config.data.paths)
   keyed = {json.dumps(e, sort_keys=True, ensure_ascii=False): e for e in examples}
   train_keys, val_keys = clean.split_by_hash(list(keyed), config.data.val_fraction)

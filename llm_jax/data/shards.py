@@ -4,8 +4,10 @@
 by content, shared by runs::
 
   <cache>/tokenizers/<key>/tokenizer.model   key: train docs + settings
+                         (or tokenizer.json + tokenizer_config.json: tokenizer.kind)
   <cache>/shards/<key>/manifest.json         key: all docs + tokenizer + split
-  <cache>/shards/<key>/tokenizer.model       (a copy: the dir is self-contained)
+  <cache>/shards/<key>/tokenizer.model       (a copy of the tokenizer's files:
+                                             the dir is self-contained)
   <cache>/shards/<key>/train-00000-of-00001.bin
   <cache>/shards/<key>/val-00000-of-00001.bin
 
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from llm_jax.data import clean
 from llm_jax.data import sources
@@ -38,7 +41,6 @@ from llm_jax.core.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
-TOKENIZER_FILE = 'tokenizer.model'
 MAX_SHARD_TOKENS = 64 * 2**20  # Tokens per shard file (128 MiB as uint16).
 # Documents are encoded in groups of about this many characters: big enough
 # for the encoder's threads, small enough that the Python int lists stay small.
@@ -51,7 +53,7 @@ Log = Callable[[str], None]
 class PreparedData:
   """Token shards ready for ``pipeline.TokenWindows``, and their tokenizer."""
   dir: str
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer  # or an hf_tokenizer.HFTokenizer
   train_shards: tuple[str, ...]
   val_shards: tuple[str, ...]
   manifest: dict
@@ -120,7 +122,7 @@ def prepare(config, log: Log = logging.info) -> PreparedData:
   train_docs, val_docs = clean.split_by_hash(docs, config.data.val_fraction)
   log(f'Split by content hash: {len(train_docs)} train and {len(val_docs)} '
       f'validation documents (data.val_fraction={config.data.val_fraction})')
-  tokenizer = _get_tokenizer(config, train_docs, root, log)
+  tokenizer = get_tokenizer(config, train_docs, root, log)
   key_fields = dict(format_version=FORMAT_VERSION,
                     content_sha256=content_hash(docs),
                     tokenizer_sha256=tokenizer.sha256,
@@ -178,6 +180,11 @@ def _sha256_json(obj) -> str:
 
 def _tokenizer_settings(tok_cfg, extra_symbols: tuple[str, ...] = ()) -> dict:
   """Everything that decides what training produces, for the cache key."""
+  if tok_cfg.kind != 'sentencepiece':
+    return dict(kind=tok_cfg.kind, vocab_size=tok_cfg.vocab_size,
+                lowercase=tok_cfg.lowercase if tok_cfg.kind == 'wordpiece' else None,
+                encoder=bool(extra_symbols), tokenizers_version=tokenizers.__version__)
+  # SentencePiece keys are what they were before tokenizer.kind existed.
   settings = dict(vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type,
                   character_coverage=tok_cfg.character_coverage,
                   input_sentence_size=tok_cfg.input_sentence_size,
@@ -193,39 +200,43 @@ def _extra_symbols(config) -> tuple[str, ...]:
   return (tokenizer_lib.MASK_PIECE,) if config.model.kind == 'encoder' else ()
 
 
-def _get_tokenizer(config, train_docs: list[str], root: str,
-                   log: Log) -> tokenizer_lib.Tokenizer:
-  """Loads ``tokenizer.path``, a cached tokenizer, or trains and caches one."""
+def get_tokenizer(config, train_docs: list[str], root: str, log: Log):
+  """Loads ``tokenizer.path``, a cached tokenizer, or trains and caches one.
+
+  The kind trained is ``tokenizer.kind``; a path may be a SentencePiece
+  ``.model`` or a Hugging Face tokenizer (``tokenizer_lib.load``).
+  """
   if config.tokenizer.path:
-    tok = tokenizer_lib.Tokenizer.load(
-        os.path.expanduser(config.tokenizer.path))
+    tok = tokenizer_lib.load(os.path.expanduser(config.tokenizer.path))
     log(f'Using tokenizer {tok.path} ({tok.vocab_size} pieces)')
     return tok
   key = _sha256_json(dict(train_content_sha256=content_hash(train_docs),
                           **_tokenizer_settings(config.tokenizer,
                                                 _extra_symbols(config))))
   prefix = os.path.join(root, 'tokenizers', key[:16], 'tokenizer')
-  if os.path.exists(prefix + '.model'):
+  cached = os.path.join(os.path.dirname(prefix),
+                        tokenizer_lib.file_name(config.tokenizer.kind))
+  if os.path.exists(cached):
     try:
-      tok = tokenizer_lib.Tokenizer.load(prefix + '.model')
+      tok = tokenizer_lib.load(cached)
       log(f'Using cached tokenizer at {tok.path} ({tok.vocab_size} pieces)')
       return tok
     except UserError as e:
       log(f'Warning: retraining the tokenizer: {e}')
   start = time.perf_counter()
-  path = tokenizer_lib.train_tokenizer(train_docs, prefix, config.tokenizer,
-                                       config.data.num_threads,
-                                       extra_symbols=_extra_symbols(config))
-  tok = tokenizer_lib.Tokenizer.load(path)
-  log(f'Trained a {config.tokenizer.model_type} tokenizer with '
-      f'{tok.vocab_size} pieces on {len(train_docs)} documents in '
-      f'{time.perf_counter() - start:.1f}s: {path}')
+  path = tokenizer_lib.train(train_docs, prefix, config.tokenizer, config.data.num_threads,
+                             encoder=bool(_extra_symbols(config)))
+  tok = tokenizer_lib.load(path)
+  what = (config.tokenizer.model_type if config.tokenizer.kind == 'sentencepiece'
+          else config.tokenizer.kind)
+  log(f'Trained a {what} tokenizer with {tok.vocab_size} pieces on '
+      f'{len(train_docs)} documents in {time.perf_counter() - start:.1f}s: {path}')
   return tok
 
 
-def _tokenizer_info(config, tok: tokenizer_lib.Tokenizer) -> dict:
+def _tokenizer_info(config, tok) -> dict:
   """The manifest's record of the tokenizer (no paths: they vary)."""
-  info = dict(file=TOKENIZER_FILE, sha256=tok.sha256,
+  info = dict(file=tok.file_name, sha256=tok.sha256,
               vocab_size=tok.vocab_size, pad_id=tok.pad_id,
               unk_id=tok.unk_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
               trained=not config.tokenizer.path)
@@ -250,7 +261,7 @@ def _load_cached(out_dir: str, key: str) -> PreparedData | None:
       for path, s in zip(shards[split], manifest['splits'][split]['shards']):
         if os.path.getsize(path) != s['tokens'] * itemsize:
           return None
-    tok = tokenizer_lib.Tokenizer.load(os.path.join(out_dir, TOKENIZER_FILE))
+    tok = tokenizer_lib.load(os.path.join(out_dir, manifest['tokenizer']['file']))
     if tok.sha256 != manifest['tokenizer_sha256']:
       return None
   except (OSError, ValueError, KeyError, TypeError, UserError):
@@ -259,7 +270,7 @@ def _load_cached(out_dir: str, key: str) -> PreparedData | None:
                       val_shards=shards['val'], manifest=manifest)
 
 
-def _build(out_dir: str, manifest: dict, tok: tokenizer_lib.Tokenizer,
+def _build(out_dir: str, manifest: dict, tok,
            splits: dict[str, list[str]], num_threads: int, log: Log) -> None:
   """Encodes the splits into a temporary dir, then renames it to ``out_dir``."""
   parent = os.path.dirname(out_dir)
@@ -278,7 +289,9 @@ def _build(out_dir: str, manifest: dict, tok: tokenizer_lib.Tokenizer,
     manifest['vocab_size'] = tok.vocab_size
     manifest['unigram_entropy_nats'] = unigram_entropy(counts)
     _log_encoded(manifest, time.perf_counter() - start, log)
-    shutil.copyfile(tok.path, os.path.join(tmp_dir, TOKENIZER_FILE))
+    for name, data in tok.files().items():
+      with open(os.path.join(tmp_dir, name), 'wb') as f:
+        f.write(data)
     with open(os.path.join(tmp_dir, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=2, sort_keys=True)
       f.write('\n')
@@ -326,7 +339,7 @@ def _doc_chunks(docs: list[str]) -> Iterator[list[str]]:
 
 
 def _write_split(out_dir: str, name: str, docs: list[str],
-                 tok: tokenizer_lib.Tokenizer, dtype: np.dtype,
+                 tok, dtype: np.dtype,
                  num_threads: int, counts: np.ndarray | None) -> dict:
   """Encodes one split into shard files; returns its manifest entry."""
   writer = _ShardWriter(out_dir, name, dtype)

@@ -1,7 +1,18 @@
-"""SentencePiece tokenizers: train one on documents, load one, encode/decode.
+"""Tokenizers: SentencePiece here, Hugging Face ``tokenizers`` behind the same interface.
 
-The trained tokenizer is lossless: ``decode(encode(text)) == text`` for any
-text, including code. Three settings make that so:
+``load(path)`` reads either kind: a SentencePiece ``.model`` gives a
+``Tokenizer``; a ``tokenizer.json``, ``vocab.txt`` (WordPiece) or
+``vocab.json`` + ``merges.txt`` (byte-level BPE), or a Hugging Face directory,
+gives an ``hf_tokenizer.HFTokenizer``. Both have ``encode``/``decode``, the
+special ids (pad, unk, bos, eos, mask, cls, sep), ``model_bytes``, ``files``,
+``sha256``, ``vocab_size`` and ``with_specials`` (the sequence layout for
+one text or a pair), so nothing downstream asks which it has. ``train``
+trains the kind ``config.tokenizer.kind`` names.
+
+SentencePiece models trained here are lossless:
+
+``decode(encode(text)) == text`` for any text, including code. Three settings
+make that so:
 
 * Normalisation is the identity, extra whitespace is kept and no dummy
   prefix space is added, so indentation and leading spaces survive.
@@ -25,10 +36,17 @@ import numpy as np
 import sentencepiece as spm
 
 from llm_jax.core.errors import UserError
+from llm_jax.data import hf_tokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ('bpe', 'unigram')
 MASK_PIECE = '<mask>'  # The masked-LM placeholder (encoders only).
+SENTENCEPIECE_FILE = 'tokenizer.model'
+# config.tokenizer.kind: SentencePiece (BPE or unigram, model_type), or a
+# Hugging Face byte-level BPE (RoBERTa/GPT-2 style) or WordPiece (BERT).
+KINDS = ('sentencepiece', 'bytelevel_bpe', 'wordpiece')
+# The file a tokenizer of each kind lives in (a run holds one of them).
+FILE_NAMES = (SENTENCEPIECE_FILE, hf_tokenizer.TOKENIZER_JSON)
 # SentencePiece samples input_sentence_size lines with its own generator;
 # a fixed seed makes the tokenizer a function of the documents alone.
 _SPM_RANDOM_SEED = 20240101
@@ -135,8 +153,39 @@ def _without_run_settings(model_bytes: bytes) -> bytes:
   return proto.SerializeToString(deterministic=True)
 
 
+def load(path: str):
+  """A ``Tokenizer`` (``.model``) or an ``HFTokenizer`` (anything else)."""
+  if os.path.expanduser(path).endswith('.model'):
+    return Tokenizer.load(path)
+  return hf_tokenizer.load(path)
+
+
+def file_name(kind: str) -> str:
+  """The file a tokenizer of ``config.tokenizer.kind`` is kept in."""
+  return SENTENCEPIECE_FILE if kind == 'sentencepiece' else hf_tokenizer.TOKENIZER_JSON
+
+
+def train(docs: list[str], model_path_prefix: str, tok_cfg, num_threads: int, *,
+          encoder: bool = False) -> str:
+  """Trains the tokenizer ``tok_cfg.kind`` names; returns the file's path.
+
+  An encoder's tokenizer also gets a mask token (``<mask>``, or ``[MASK]``
+  for WordPiece).
+  """
+  if tok_cfg.kind not in KINDS:
+    raise UserError(f'tokenizer.kind={tok_cfg.kind!r} is not one of '
+                    f'{", ".join(KINDS)}')
+  if tok_cfg.kind == 'sentencepiece':
+    return train_tokenizer(docs, model_path_prefix, tok_cfg, num_threads,
+                           extra_symbols=(MASK_PIECE,) if encoder else ())
+  return hf_tokenizer.train(docs, model_path_prefix, tok_cfg, encoder=encoder)
+
+
 class Tokenizer:
   """A loaded SentencePiece model with the ids and hash the trainer needs."""
+
+  kind = 'sentencepiece'
+  file_name = SENTENCEPIECE_FILE
 
   def __init__(self, path: str, model_bytes: bytes,
                processor: spm.SentencePieceProcessor):
@@ -144,6 +193,13 @@ class Tokenizer:
     self._model_bytes = model_bytes
     self._sp = processor
     self._sha256 = hashlib.sha256(model_bytes).hexdigest()
+
+  @classmethod
+  def from_bytes(cls, model_bytes: bytes, path: str = '') -> 'Tokenizer':
+    """A tokenizer from a serialized model (e.g. a merged one not yet written)."""
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(model_bytes)
+    return cls(path, model_bytes, processor)
 
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
@@ -184,6 +240,10 @@ class Tokenizer:
     """The serialized model (e.g. for a TF text op in an export)."""
     return self._model_bytes
 
+  def files(self) -> dict[str, bytes]:
+    """The files a run (or an export) keeps: ``tokenizer.model``."""
+    return {SENTENCEPIECE_FILE: self._model_bytes}
+
   @property
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
@@ -210,6 +270,35 @@ class Tokenizer:
     token_id = self._sp.piece_to_id(MASK_PIECE)
     return token_id if self._sp.id_to_piece(token_id) == MASK_PIECE else -1
 
+  @property
+  def cls_id(self) -> int:
+    """A sequence's first token for a task head: bos."""
+    return self.bos_id
+
+  @property
+  def sep_id(self) -> int:
+    """The token that ends each text of a sequence or pair: eos."""
+    return self.eos_id
+
+  @property
+  def mask_token(self) -> str | None:
+    return MASK_PIECE if self.mask_id >= 0 else None
+
+  @property
+  def special_ids(self) -> tuple[int, ...]:
+    """Control pieces and the mask: never masked, drawn or ranked as words."""
+    ids = [i for i in range(self.vocab_size) if self._sp.is_control(i)]
+    return tuple(sorted({*ids, self.unk_id, self.mask_id} - {-1}))
+
+  def template(self, pair: bool) -> tuple[tuple, ...]:
+    """``bos A eos`` or ``bos A eos B eos`` (B and its eos of type 1)."""
+    one = ((self.bos_id, 0), ('A', 0), (self.eos_id, 0))
+    return one + (('B', 1), (self.eos_id, 1)) if pair else one
+
+  def with_specials(self, a, b=None):
+    """``(ids, type_ids, sequence_ids)`` of one text or a pair, specials added."""
+    return hf_tokenizer.fill_template(self.template(b is not None), a, b)
+
   def id_to_piece(self, token_id: int) -> str:
     return self._sp.id_to_piece(int(token_id))
 
@@ -222,6 +311,15 @@ class Tokenizer:
     """Token ids of each text, encoded by ``num_threads`` native threads."""
     return self._sp.encode(list(texts), out_type=int,
                            num_threads=max(1, num_threads))
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each piece's ``(start, end)`` character offsets in ``text``."""
+    proto = self._sp.encode(text, return_type='proto')
+    # SentencePiece counts UTF-8 bytes; a character starts at starts[i].
+    starts = np.cumsum([0] + [len(ch.encode('utf-8')) for ch in text])
+    begin = np.searchsorted(starts, [p.begin for p in proto.pieces], side='right') - 1
+    end = np.searchsorted(starts, [p.end for p in proto.pieces], side='left')
+    return [p.id for p in proto.pieces], list(zip(begin.tolist(), end.tolist()))
 
   def decode(self, ids) -> str:
     """Text of ``ids``; ids outside [0, vocab_size) decode as unk.

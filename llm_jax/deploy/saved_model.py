@@ -21,6 +21,9 @@ Signatures (docs/serving.md documents them):
   and ``counts`` int32 [batch] as in ``serving_default``.
   SentencePiece runs inside the graph (tensorflow-text); the ``.model`` file
   is also in ``assets/tokenizer.model`` for clients that tokenize themselves.
+  A run with a Hugging Face tokenizer (byte-level BPE has no tensorflow-text
+  op) has no ``generate_text``; its ``tokenizer.json`` and
+  ``tokenizer_config.json`` are in ``assets/`` for the client.
 
 Requests the model cannot answer fail with InvalidArgument (graph asserts):
 a length outside ``1 .. min(prompt_len, max_len - 1)`` (the prompt must fit
@@ -126,6 +129,7 @@ def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
 
   module.serve = serve
   signatures = {'serving_default': serve}
+  module.tokenizer_files = tokenizer_assets(run)
   if tokenizer_path is not None:
     module.tokenizer_model = tf.saved_model.Asset(tokenizer_path)
     module.sp, module.text = _text_function(run, tokenizer_path, checked_generate,
@@ -183,6 +187,14 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
   return sp, text
 
 
+def tokenizer_assets(run) -> list:
+  """The run's Hugging Face tokenizer files as SavedModel assets (else none)."""
+  tok = run.tokenizer
+  if tok is None or tok.kind == 'sentencepiece':
+    return []  # The text signature's op holds a SentencePiece model itself.
+  return [tf.saved_model.Asset(os.path.join(run.workdir, name)) for name in tok.files()]
+
+
 # ---- Export.
 
 
@@ -224,7 +236,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   t0 = time.time()
   specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
-                    if run.tokenizer is not None and text_signature else None)
+                    if run.tokenizer is not None and run.tokenizer.kind == 'sentencepiece'
+                    and text_signature else None)
   stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
   module, signatures = _build_module(
       run, specs, arrays, treedef, width=width, platforms=platforms, stop_ids=stop_ids,

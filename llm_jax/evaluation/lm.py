@@ -93,11 +93,11 @@ def evaluate_split(run, *, split: str = 'val', source: str = '', paths: str = ''
     config.data.source, config.data.paths = source, paths
     config.data.max_documents = 0
   # The run's own tokenizer: never retrain, whatever the cache holds.
-  config.tokenizer.path = os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
+  config.tokenizer.path = workdir_lib.tokenizer_path(run.workdir)
   data = shards.prepare(config, log=log)
   if data.tokenizer.sha256 != run.meta.get('tokenizer_sha256', data.tokenizer.sha256):
     raise UserError(f'The tokenizer in {run.workdir} is not the one its checkpoint '
-                    'was trained with; restore tokenizer.model from the run.')
+                    'was trained with; restore its tokenizer files from the run.')
   windows = pipeline.TokenWindows(
       data.train_shards if split == 'train' else data.val_shards,
       data.manifest['dtype'], config.data.seq_len)

@@ -3,7 +3,9 @@
 Each ``<mask>`` in the text is one token; the encoder (``model.kind=
 'encoder'``) sees the whole sentence at once and its softmax at that position
 ranks the vocabulary (special pieces left out), or only the given candidate
-words (each must be one token).
+words (each must be one token). ``<mask>`` also stands for a tokenizer's own
+mask token (BERT's ``[MASK]``); a Hugging Face tokenizer adds the special
+tokens its models expect around the text (``[CLS] ... [SEP]``, ``<s> ... </s>``).
 """
 
 import numpy as np
@@ -30,7 +32,9 @@ def fill_mask(run, text: str, *, top_k: int = 5,
   if run.model_cfg.causal or tok is None or tok.mask_id < 0:
     raise UserError(f'{run.workdir} is not an encoder run with a <mask> piece; '
                     "train one with --config=configs/mlm.py (model.kind='encoder').")
-  ids = tok.encode(text)
+  ids = tok.encode(text.replace('<mask>', tok.mask_token))
+  if tok.kind != 'sentencepiece':
+    ids = tok.with_specials(ids)[0]
   where = [i for i, t in enumerate(ids) if t == tok.mask_id]
   if not where:
     raise UserError(f'The text {text!r} has no <mask>; write <mask> where a word is missing.')
@@ -49,7 +53,8 @@ def fill_mask(run, text: str, *, top_k: int = 5,
       cand_ids.append(pieces[0])
     allowed = np.asarray(cand_ids)
   else:
-    special = {tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id}
+    special = {tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id,
+               *tok.special_ids}
     allowed = np.asarray([i for i in range(tok.vocab_size) if i not in special])
   out = []
   for probs_V in probs_MV:

@@ -5,12 +5,15 @@ Commands:
   import        --hf_dir=DIR --workdir=OUT [--seq_len=N]
                 reads ``config.json`` and ``*.safetensors`` (one file or a
                 ``model.safetensors.index.json`` shard set) of a GPT-2
-                (``GPT2LMHeadModel``) or LLaMA-family (``LlamaForCausalLM``,
-                ``MistralForCausalLM``, ``Qwen2ForCausalLM``) model and writes
-                an llm_jax workdir: ``config.json``, ``tokenizer.model`` (when
-                the HF directory has a SentencePiece one) and
+                (``GPT2LMHeadModel``), LLaMA-family (``LlamaForCausalLM``,
+                ``MistralForCausalLM``, ``Qwen2ForCausalLM``) or BERT/RoBERTa
+                (``*ForMaskedLM``, ``*ForSequenceClassification``,
+                ``*ForQuestionAnswering``; ``hf_encoders.py``) model and
+                writes an llm_jax workdir: ``config.json``, the tokenizer
+                (``tokenizer.model``, or ``tokenizer.json`` from
+                tokenizer.json / vocab.txt / vocab.json + merges.txt) and
                 ``checkpoints/0/`` (the weights, a fresh optimizer state).
-  export        --workdir=RUN --out=DIR [--format=llama|qwen2|gpt2] [--step=N]
+  export        --workdir=RUN --out=DIR [--format=llama|qwen2|gpt2|bert|roberta] [--step=N]
                 writes ``config.json`` + ``model.safetensors`` (and the
                 tokenizer) that ``transformers`` loads with ``from_pretrained``.
   extend_vocab  --workdir=RUN --text=GLOB --num_pieces=N --out=OUT
@@ -46,6 +49,7 @@ from llm_jax.core import files
 from llm_jax.core.configuration import base_config
 from llm_jax.core.errors import UserError
 from llm_jax.data import tokenizer as tokenizer_lib
+from llm_jax.interchange import hf_encoders
 from llm_jax.model import lora
 from llm_jax.model.transformer import ModelConfig, abstract_params
 from llm_jax.runs import workdir as workdir_lib
@@ -53,15 +57,19 @@ from llm_jax.training.checkpoint import flatten_params, unflatten_like
 
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 SAFETENSORS_FILE = 'model.safetensors'
-FORMATS = ('llama', 'qwen2', 'gpt2')
+FORMATS = ('llama', 'qwen2', 'gpt2', *hf_encoders.FAMILIES)
 _ARCHITECTURES = {
     'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama',
-    'MistralForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2'}
+    'MistralForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2',
+    **hf_encoders.ARCHITECTURES}
 _MODEL_TYPES = {'gpt2': 'gpt2', 'llama': 'llama', 'mistral': 'llama',
-                'qwen2': 'qwen2'}
+                'qwen2': 'qwen2', 'bert': 'bert', 'roberta': 'roberta'}
 # Tensors some checkpoints carry that are buffers, not weights: causal-mask
-# tables of old GPT-2 files and the RoPE frequencies of old LLaMA files.
-_IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')
+# tables of old GPT-2 files, the RoPE frequencies of old LLaMA files and the
+# position / token-type id buffers of old BERT files (int64).
+_BUFFER_SUFFIXES = ('.position_ids', '.token_type_ids')  # int64: never read.
+_IGNORED_SUFFIXES = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq',
+                     *_BUFFER_SUFFIXES)
 _TANH_GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
 
 
@@ -137,7 +145,7 @@ def _map_safetensors(path: str) -> dict[str, np.ndarray]:
     raise UserError(f'{path} is not a readable safetensors file ({e}).') from None
   out = {}
   for key, info in header.items():
-    if key == '__metadata__':
+    if key == '__metadata__' or key.endswith(_BUFFER_SUFFIXES):
       continue
     if info['dtype'] not in dtypes:
       raise UserError(f'Tensor {key!r} in {path} is {info["dtype"]}; only float '
@@ -176,6 +184,8 @@ def model_settings(hf: dict) -> tuple[str, dict, int, int]:
     (family, model overrides, the model's context length, vocab size).
   """
   family = hf_family(hf)
+  if family in hf_encoders.FAMILIES:
+    return family, *hf_encoders.model_settings(hf, family)
   if family == 'gpt2':
     d, n = hf['n_embd'], hf['n_head']
     act = hf.get('activation_function', 'gelu_new')
@@ -218,9 +228,11 @@ def model_settings(hf: dict) -> tuple[str, dict, int, int]:
   return family, model, context, hf['vocab_size']
 
 
-def hf_config(model_cfg, family: str, tokenizer=None) -> dict:
+def hf_config(model_cfg, family: str, tokenizer=None, labels=()) -> dict:
   """The HF ``config.json`` of our model in ``family``'s format."""
   c = model_cfg
+  if family in hf_encoders.FAMILIES:
+    return hf_encoders.hf_config(c, family, tokenizer, labels)
   common = dict(vocab_size=c.vocab_size, torch_dtype='float32',
                 tie_word_embeddings=c.tie_embeddings)
   if tokenizer is not None:
@@ -250,12 +262,15 @@ def hf_config(model_cfg, family: str, tokenizer=None) -> dict:
 def export_family(model_cfg, requested: str = '') -> str:
   """The HF format our model fits (checking ``requested`` if given)."""
   c = model_cfg
-  natural = ('gpt2' if c.position == 'learned' else
+  natural = (('roberta' if c.position_offset else 'bert') if not c.causal else
+             'gpt2' if c.position == 'learned' else
              'qwen2' if c.qkv_bias and not c.use_bias else 'llama')
   family = requested or natural
   if family not in FORMATS:
     raise UserError(f'--format={family!r}: use one of {", ".join(FORMATS)}.')
-  if family == 'gpt2':
+  if family in hf_encoders.FAMILIES:
+    wanted = hf_encoders.wanted(c, family)
+  elif family == 'gpt2':
     wanted = dict(norm='layernorm', position='learned', mlp='gelu', use_bias=True,
                   num_kv_heads=c.num_heads, head_dim=c.d_model // c.num_heads)
   elif family == 'qwen2':
@@ -287,7 +302,7 @@ class _Source:
     return self._key(name) in self.tensors
 
   def _key(self, name: str) -> str:
-    if name.startswith('lm_head'):
+    if name.startswith(('lm_head', *hf_encoders.OUTSIDE_BODY)):
       return name  # Beside the body, not in it.
     # Files saved from the bare model (GPT2Model) lack the 'transformer.' prefix.
     full = self.prefix + name
@@ -305,6 +320,11 @@ class _Source:
                       f'config.json implies {list(shape)}.')
     self.used.add(key)
     return np.asarray(value, np.float32)
+
+  def skip(self, prefixes: tuple[str, ...]) -> None:
+    """Marks tensors under ``prefixes`` (in or beside the body) as left out."""
+    full = (*prefixes, *(self.prefix + p for p in prefixes))
+    self.used.update(k for k in self.tensors if k.startswith(full))
 
   def check_all_used(self) -> None:
     extra = sorted(k for k in self.tensors if k not in self.used
@@ -431,8 +451,11 @@ def _llama_to_hf(p: dict, c) -> dict[str, np.ndarray]:
 
 _FROM_HF: dict[str, tuple[str, Callable]] = {
     'gpt2': ('transformer.', _gpt2_from_hf), 'llama': ('model.', _llama_from_hf),
-    'qwen2': ('model.', _llama_from_hf)}
-_TO_HF = {'gpt2': _gpt2_to_hf, 'llama': _llama_to_hf, 'qwen2': _llama_to_hf}
+    'qwen2': ('model.', _llama_from_hf),
+    **{f: (f'{f}.', lambda src, c, f=f: hf_encoders.from_hf(src, c, f))
+       for f in hf_encoders.FAMILIES}}
+_TO_HF = {'gpt2': _gpt2_to_hf, 'llama': _llama_to_hf, 'qwen2': _llama_to_hf,
+          **{f: lambda p, c, f=f: hf_encoders.to_hf(p, c, f) for f in hf_encoders.FAMILIES}}
 
 
 def params_from_hf(family: str, tensors: dict[str, np.ndarray], model_cfg) -> dict:
@@ -464,7 +487,7 @@ def params_to_hf(family: str, params: dict, model_cfg) -> dict[str, np.ndarray]:
 # ---- Workdirs.
 
 
-def build_config(model: dict, seq_len: int, vocab_size: int, name: str):
+def build_config(model: dict, seq_len: int, vocab_size: int, name: str, labels=()):
   """A full config (configs/base.py) for an imported model."""
   config = base_config()
   config.name = name
@@ -472,7 +495,25 @@ def build_config(model: dict, seq_len: int, vocab_size: int, name: str):
     config.model[key] = value
   config.data.seq_len = seq_len
   config.tokenizer.vocab_size = vocab_size
+  if labels:  # An imported classifier's label names, in id order.
+    config.task.labels = ','.join(labels)
   return config
+
+
+def import_tokenizer(hf_dir: str):
+  """The HF directory's tokenizer, or None if it has none.
+
+  A SentencePiece ``tokenizer.model`` first (tensorflow-text runs it inside
+  exports), else ``tokenizer.json``, ``vocab.json`` + ``merges.txt`` or
+  ``vocab.txt`` through the Hugging Face backend.
+  """
+  sp_path = os.path.join(hf_dir, tokenizer_lib.SENTENCEPIECE_FILE)
+  if os.path.exists(sp_path):
+    return tokenizer_lib.Tokenizer.load(sp_path)
+  if any(os.path.exists(os.path.join(hf_dir, n))
+         for n in ('tokenizer.json', 'vocab.json', 'vocab.txt')):
+    return tokenizer_lib.load(hf_dir)
+  return None
 
 
 def import_hf(hf_dir: str, workdir: str, seq_len: int = 0) -> str:
@@ -491,23 +532,21 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 0) -> str:
   hf = read_hf_config(hf_dir)
   family, model, context, vocab_size = model_settings(hf)
   if seq_len and model['position'] == 'learned' and seq_len != context:
-    raise UserError(f'--seq_len={seq_len}: a GPT-2 model has a learned table of '
+    raise UserError(f'--seq_len={seq_len}: this model has a learned table of '
                     f'{context} positions; leave --seq_len out.')
   seq_len = seq_len or context
+  labels = hf_encoders.labels_of(hf) if model.get('head') == 'classification' else ()
   config = build_config(model, seq_len, vocab_size,
-                        os.path.basename(os.path.abspath(workdir)))
+                        os.path.basename(os.path.abspath(workdir)), labels)
   model_cfg = ModelConfig.from_config(config.model, vocab_size=vocab_size,
                                       max_len=context if model['position'] == 'learned'
                                       else seq_len)
   params = params_from_hf(family, read_safetensors(hf_dir), model_cfg)
-  tok_path = os.path.join(hf_dir, 'tokenizer.model')
-  tokenizer_bytes = None
-  if os.path.exists(tok_path):
-    tokenizer_bytes = tokenizer_lib.Tokenizer.load(tok_path).model_bytes
+  tokenizer = import_tokenizer(hf_dir)
   source = dict(hf_dir=os.path.abspath(hf_dir), family=family,
                 architectures=hf.get('architectures'))
   return workdir_lib.write(workdir, config, params, vocab_size=vocab_size,
-                         tokenizer_bytes=tokenizer_bytes, source=source)
+                         tokenizer=tokenizer, source=source)
 
 
 def export_hf(workdir: str, out_dir: str, fmt: str = '', step: int | None = None) -> str:
@@ -520,8 +559,9 @@ def export_hf(workdir: str, out_dir: str, fmt: str = '', step: int | None = None
   tensors = params_to_hf(family, params, run.model_cfg)
   with files.atomic_dir(out_dir, what='Hugging Face export') as tmp:
     save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={'format': 'pt'})
+    labels = [n for n in run.config.task.labels.split(',') if n]
     files.atomic_write_json(os.path.join(tmp, 'config.json'),
-                            hf_config(run.model_cfg, family, run.tokenizer))
-    if run.tokenizer is not None:
-      files.atomic_write(os.path.join(tmp, 'tokenizer.model'), run.tokenizer.model_bytes)
+                            hf_config(run.model_cfg, family, run.tokenizer, labels))
+    for name, data in (run.tokenizer.files() if run.tokenizer is not None else {}).items():
+      files.atomic_write(os.path.join(tmp, name), data)
   return os.path.abspath(out_dir)

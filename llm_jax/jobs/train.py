@@ -74,7 +74,7 @@ def run(config, workdir: str | None = None) -> dict:
   data = inputs.data
   if jax.process_index() == 0:
     # The workdir is complete on its own: generate/evaluate/export need no cache.
-    workdir_lib.save_tokenizer(workdir, data.tokenizer.model_bytes)
+    workdir_lib.save_tokenizer(workdir, data.tokenizer)
   metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
               'nats/token (a model must beat this to have learnt anything).')
   mesh = sharding.make_mesh(config.mesh)

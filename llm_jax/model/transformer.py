@@ -1,10 +1,20 @@
-"""The decoder-only Transformer in Flax NNX, LLaMA-style by default, GPT-2 by config.
+"""The Transformer in Flax NNX: LLaMA-style decoder by default, GPT-2 or BERT by config.
 
 LLaMA style: RMSNorm, rotary positions (HF's "rotate half" convention, so HF
 LLaMA checkpoints import as they are), SwiGLU MLP, grouped-query attention, no
 biases. GPT-2 style: LayerNorm with bias, a learned position table, a
 tanh-approximate GELU MLP, biases on dense layers, tied embeddings. Both use
 pre-norm blocks, a final norm and an LM head (or the embedding transposed).
+
+BERT/RoBERTa style (``kind='encoder'``, ``norm_position='post'``): a
+LayerNorm after the summed token, position and token-type embeddings,
+post-norm blocks (``norm(x + attn(x))``, ``norm(x + mlp(x))``) and no final
+norm, exact GELU, a learned table read at ``position + position_offset``
+(RoBERTa's padding offset, 2), and BERT's masked-LM head (``mlm_head``:
+dense + GELU + LayerNorm, then the tied output with a bias). A task head
+(``model.head``, ``llm_jax/model/heads.py``) replaces the LM head:
+'classification' scores the first token's state, 'qa' each token as an
+answer's start and end.
 
 Parameters are stored float32 and cast to ``ModelConfig.dtype`` where they are
 used; norms and the attention softmax run in float32; logits come back float32.
@@ -18,12 +28,16 @@ maps them to mesh axes through ``config.mesh.rules``):
   =====================  ===========  ==============================
   embed.table            [V, D]       ('vocab', 'embed')
   pos_embed.table        [L, D]       (None, 'embed')
+  type_embed.table       [Y, D]       (None, 'embed')
   attn.q.kernel          [D, N, H]    ('embed', 'heads', 'head_dim')
   attn.k/v.kernel        [D, K, H]    ('embed', 'kv_heads', 'head_dim')
   attn.o.kernel          [N, H, D]    ('heads', 'head_dim', 'embed')
   mlp.gate/up.kernel     [D, F]       ('embed', 'mlp')
   mlp.down.kernel        [F, D]       ('mlp', 'embed')
   lm_head.kernel         [D, V]       ('embed', 'vocab')
+  mlm_head.dense.kernel  [D, D]       ('embed', None)
+  mlm_head.bias          [V]          ('vocab',)
+  head.*.kernel          [D, C]       ('embed', None)   (llm_jax/model/heads.py)
   *norm.scale/bias       [D]          ('norm',)
   q / k,v biases         [N,H]/[K,H]  ('heads'|'kv_heads', 'head_dim')
   mlp.gate/up biases     [F]          ('mlp',)
@@ -42,6 +56,7 @@ Shape suffixes on tensor names (einsum strings use the same letters):
   F: MLP hidden width          V: vocabulary
   L: max_len (position table)  R: rotary frequencies (H/2)
   M: flattened rows (B*T) around a 2-D matmul
+  Y: token types (segments of a pair)  C: a task head's outputs
 """
 
 import dataclasses
@@ -58,6 +73,14 @@ from llm_jax.model import attention
 NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned')
 MLPS = ('swiglu', 'gelu')
+# Where a block's norms sit: before each sublayer (GPT-2, LLaMA) or after
+# each residual add (BERT, RoBERTa: then the embeddings are normed, and there
+# is no final norm).
+NORM_POSITIONS = ('pre', 'post')
+GELUS = ('tanh', 'exact')  # GPT-2's tanh approximation, or BERT's erf GELU.
+# What the model outputs: token logits ('lm'), or a task head's
+# (llm_jax/model/heads.py): 'classification' [B, C], 'qa' [B, T, 2].
+HEADS = ('lm', 'classification', 'qa')
 DTYPES = ('float32', 'bfloat16')
 # 'decoder': causal attention, next-token LM. 'encoder': bidirectional
 # attention, masked-LM (the same blocks and head; see llm_jax/masking.py).
@@ -112,6 +135,14 @@ class ModelConfig:
   rope_scaling_factor: float = 1.0
   scan_layers: bool = False
   attention: str = 'xla'
+  # BERT/RoBERTa options (defaults: the decoder's behaviour).
+  norm_position: str = 'pre'
+  gelu: str = 'tanh'
+  type_vocab_size: int = 0  # Rows of the token-type table (0: none).
+  position_offset: int = 0  # Learned positions read row position + this.
+  mlm_head: bool = False  # Dense + GELU + LayerNorm before the output, and its bias.
+  head: str = 'lm'
+  num_labels: int = 0  # Classes of a 'classification' head.
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -151,6 +182,16 @@ class ModelConfig:
     return self.kind == 'decoder'
 
   @property
+  def post_norm(self) -> bool:
+    """BERT's layout: norms after the residual adds, the embeddings normed."""
+    return self.norm_position == 'post'
+
+  @property
+  def position_rows(self) -> int:
+    """Rows of a learned position table: max_len past the offset."""
+    return self.max_len + self.position_offset
+
+  @property
   def compute_dtype(self) -> jnp.dtype:
     """The dtype activations and cast parameters are computed in."""
     return jnp.dtype(self.dtype)
@@ -177,12 +218,18 @@ class ModelConfig:
     elif self.qkv_bias:
       attn += n * h + 2 * k * h
     total = self.num_layers * (2 * norm + attn + mlp) + norm
-    if not self.tie_embeddings:
-      total += d * v
+    if self.head != 'lm':
+      total += (d * d + d + d * self.num_labels + self.num_labels
+                if self.head == 'classification' else 2 * d + 2)
+    else:
+      if not self.tie_embeddings:
+        total += d * v
+      if self.mlm_head:
+        total += d * d + d + 2 * d + v
     if include_embeddings:
-      total += v * d
+      total += v * d + self.type_vocab_size * d
       if self.position == 'learned':
-        total += self.max_len * d
+        total += self.position_rows * d
     return total
 
 
@@ -204,11 +251,23 @@ def _validate(cfg: ModelConfig) -> None:
   for name, valid in (('norm', NORMS), ('position', POSITIONS),
                       ('mlp', MLPS), ('dtype', DTYPES), ('kind', KINDS),
                       ('remat', tuple(REMAT_POLICIES)),
-                      ('attention', ATTENTION_BACKENDS)):
+                      ('attention', ATTENTION_BACKENDS),
+                      ('norm_position', NORM_POSITIONS), ('gelu', GELUS),
+                      ('head', HEADS)):
     value = getattr(cfg, name)
     if value not in valid:
       raise UserError(f'model.{name}={value!r} is not one of '
                       f'{", ".join(map(repr, valid))}; pick one of them')
+  for name in ('type_vocab_size', 'position_offset', 'num_labels'):
+    value = getattr(cfg, name)
+    if not _is_int(value) or value < 0:
+      raise UserError(f'model.{name}={value!r} must be a non-negative integer')
+  if cfg.head != 'lm' and cfg.causal:
+    raise UserError(f"model.head={cfg.head!r} needs model.kind='encoder' (a task head "
+                    'reads the whole text at once)')
+  if cfg.head == 'classification' and cfg.num_labels < 1:
+    raise UserError("model.head='classification' needs model.num_labels >= 1 (set from "
+                    'the task labels)')
   if not isinstance(cfg.scan_layers, bool):
     raise UserError(f'model.scan_layers={cfg.scan_layers!r} must be True or False')
   if cfg.num_heads % cfg.num_kv_heads:
@@ -422,41 +481,67 @@ class Mlp(nnx.Module):
     self.up = Dense((D,), (F,), ('embed', 'mlp'), std=cfg.init_std, **kw)
     self.down = Dense((F,), (D,), ('mlp', 'embed'),
                       std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
+    self.tanh_gelu = cfg.gelu == 'tanh'
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     if self.gate is not None:
       h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
     else:
-      # GPT-2's GELU is the tanh approximation.
-      h_BTF = jax.nn.gelu(self.up(x_BTD), approximate=True)
+      # GPT-2's GELU is the tanh approximation; BERT's the exact (erf) one.
+      h_BTF = jax.nn.gelu(self.up(x_BTD), approximate=self.tanh_gelu)
     return self.down(h_BTF)
 
 
 class Block(nnx.Module):
-  """A pre-norm Transformer block: ``x + attn(norm(x))``, ``x + mlp(norm(x))``."""
+  """A Transformer block, pre-norm: ``x + attn(norm(x))``, ``x + mlp(norm(x))``.
+
+  Post-norm (``norm_position='post'``, BERT): ``norm(x + attn(x))``, then
+  ``norm(x + mlp(x))``; the norms keep their names (attn_norm, mlp_norm).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg)
     self.mlp = Mlp(cfg, rngs=rngs)
+    self.post_norm = cfg.post_norm
 
   def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
                mask_BTS: jax.Array) -> jax.Array:
+    if self.post_norm:
+      x_BTD = self.attn_norm(x_BTD + self.attn(x_BTD, rope, mask_BTS))
+      return self.mlp_norm(x_BTD + self.mlp(x_BTD))
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rope, mask_BTS)
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
+class MlmHead(nnx.Module):
+  """BERT's masked-LM transform: ``norm(gelu(dense(x)))``, and the output bias."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.dense = Dense((cfg.d_model,), (cfg.d_model,), ('embed', None),
+                       std=cfg.init_std, use_bias=True, dtype=cfg.compute_dtype, rngs=rngs)
+    self.norm = Norm(dataclasses.replace(cfg, norm='layernorm'))
+    self.bias = _param(jnp.zeros((cfg.vocab_size,), jnp.float32), ('vocab',))
+    self.tanh_gelu = cfg.gelu == 'tanh'
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    return self.norm(jax.nn.gelu(self.dense(x_BTD), approximate=self.tanh_gelu))
+
+
 class Transformer(nnx.Module):
-  """The decoder-only language model: tokens ``[B, T]`` to logits ``[B, T, V]``."""
+  """The language model: tokens ``[B, T]`` to logits ``[B, T, V]`` (or a task head's)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = Embed(cfg.vocab_size, cfg, ('vocab', 'embed'), rngs=rngs)
     # Optional parts are assigned once, module or None: flax 0.12 makes an
     # attribute first set to None static and then refuses a module in it.
-    self.pos_embed = (Embed(cfg.max_len, cfg, (None, 'embed'), rngs=rngs)
+    self.pos_embed = (Embed(cfg.position_rows, cfg, (None, 'embed'), rngs=rngs)
                       if cfg.position == 'learned' else None)
+    self.type_embed = (Embed(cfg.type_vocab_size, cfg, (None, 'embed'), rngs=rngs)
+                       if cfg.type_vocab_size else None)
+    self.embed_norm = Norm(cfg) if cfg.post_norm else None
     # nnx.List, not a plain list: flax 0.12 refuses modules in a plain list
     # attribute; nnx.List puts them in the state as blocks/0, blocks/1, ...
     if cfg.scan_layers:
@@ -466,24 +551,34 @@ class Transformer(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, rngs=rngs)
                               for _ in range(cfg.num_layers)])
-    self.final_norm = Norm(cfg)
+    # Post-norm blocks end normed: no final norm (BERT has none).
+    self.final_norm = None if cfg.post_norm else Norm(cfg)
+    lm = cfg.head == 'lm'
+    self.mlm_head = MlmHead(cfg, rngs=rngs) if lm and cfg.mlm_head else None
     # Logits stay float32 as they leave the matmul, never rounded to bf16:
     # better for the loss, and on XLA:CPU the step was ~10% faster than with
     # a bf16 [M, V] result cast up afterwards.
-    self.lm_head = None if cfg.tie_embeddings else Dense(
+    self.lm_head = None if cfg.tie_embeddings or not lm else Dense(
         (cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
         std=cfg.init_std, use_bias=False, dtype=cfg.compute_dtype, rngs=rngs,
         out_dtype=jnp.float32)
+    if lm:
+      self.head = None
+    else:  # A task head; heads.py builds on this module's layers.
+      from llm_jax.model import heads  # pylint: disable=g-import-not-at-top
+      self.head = heads.task_head(cfg, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array,
                positions_BT: jax.Array | None = None, *,
                segment_ids_BT: jax.Array | None = None,
+               token_types_BT: jax.Array | None = None,
                return_hidden: bool = False) -> jax.Array:
-    """Returns float32 logits ``[B, T, V]``.
+    """Returns float32 logits ``[B, T, V]`` (or the task head's outputs).
 
     A decoder (``kind='decoder'``) attends causally and predicts the next
     token; an encoder attends both ways and predicts the token at each
-    (masked) position.
+    (masked) position. With a task head (``model.head``) the result is the
+    head's: ``[B, C]`` class logits, or ``[B, T, 2]`` start/end logits.
 
     Args:
       tokens_BT: int token ids, ``T <= max_len``.
@@ -493,11 +588,34 @@ class Transformer(nnx.Module):
         ``max_len`` for learned positions.
       segment_ids_BT: with packed sequences, the example each token belongs
         to; a token then attends only within its own segment
-        (``attention_mask``). None: one sequence per row.
-      return_hidden: return the final-normed hidden states ``[B, T, D]``
-        (compute dtype) instead of logits, for a loss that applies the LM
-        head itself in chunks (``lm_head_DV``).
+        (``attention_mask``); padding takes 0. None: one sequence per row.
+      token_types_BT: which text of a pair each token belongs to (0 or 1),
+        for a model with a token-type table; None means all 0.
+      return_hidden: return the hidden states ``[B, T, D]`` (compute dtype)
+        the LM head reads, instead of logits, for a loss that applies the
+        head itself in chunks (``lm_head_DV``, ``lm_head_bias_V``); with a
+        task head, the encoder's last states.
     """
+    x_BTD = self.encode(tokens_BT, positions_BT, segment_ids_BT=segment_ids_BT,
+                        token_types_BT=token_types_BT)
+    if self.head is not None:
+      return x_BTD if return_hidden else self.head(x_BTD)
+    if self.mlm_head is not None:
+      x_BTD = self.mlm_head(x_BTD)
+    if return_hidden:
+      return x_BTD
+    if self.lm_head is None:
+      logits_BTV = self.embed.attend(x_BTD)
+    else:
+      logits_BTV = self.lm_head(x_BTD)
+    if self.mlm_head is not None:
+      logits_BTV = logits_BTV + self.mlm_head.bias[...]
+    return logits_BTV.astype(jnp.float32)
+
+  def encode(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None, *,
+             segment_ids_BT: jax.Array | None = None,
+             token_types_BT: jax.Array | None = None) -> jax.Array:
+    """The last hidden states ``[B, T, D]`` (final-normed), before any head."""
     B, T = tokens_BT.shape
     if T > self.cfg.max_len:
       raise ValueError(f'sequence length {T} exceeds max_len={self.cfg.max_len}')
@@ -506,10 +624,16 @@ class Transformer(nnx.Module):
     x_BTD = self.embed(tokens_BT)
     rope = None
     if self.pos_embed is not None:
-      x_BTD = x_BTD + self.pos_embed(positions_BT)
+      x_BTD = x_BTD + self.pos_embed(positions_BT + self.cfg.position_offset)
     else:
       rope = rope_tables(positions_BT, self.cfg.head_dim, self.cfg.rope_theta,
                          scaling_factor=self.cfg.rope_scaling_factor)
+    if self.type_embed is not None:
+      if token_types_BT is None:
+        token_types_BT = jnp.zeros_like(tokens_BT)
+      x_BTD = x_BTD + self.type_embed(token_types_BT)
+    if self.embed_norm is not None:
+      x_BTD = self.embed_norm(x_BTD)
     mask_BTS = attention.attention_mask(segment_ids_BT, self.cfg.causal, length=T)
     if self.cfg.scan_layers:
       x_BTD = self._scan_blocks(x_BTD, rope, mask_BTS)
@@ -521,20 +645,17 @@ class Transformer(nnx.Module):
         # instead of held: memory per layer drops to (about) its input.
         x_BTD = nnx.remat(lambda blk, x: blk(x, rope, mask_BTS),
                           policy=REMAT_POLICIES[self.cfg.remat])(block, x_BTD)
-    x_BTD = self.final_norm(x_BTD)
-    if return_hidden:
-      return x_BTD
-    if self.lm_head is None:
-      logits_BTV = self.embed.attend(x_BTD)
-    else:
-      logits_BTV = self.lm_head(x_BTD)
-    return logits_BTV.astype(jnp.float32)
+    return x_BTD if self.final_norm is None else self.final_norm(x_BTD)
 
   def lm_head_DV(self) -> jax.Array:
     """The LM head as a ``[D, V]`` matrix in the compute dtype (tied: the table)."""
     if self.lm_head is None:
       return self.embed.table[...].astype(self.cfg.compute_dtype).T
     return self.lm_head.kernel[...].astype(self.cfg.compute_dtype)
+
+  def lm_head_bias_V(self) -> jax.Array | None:
+    """The output bias ``[V]`` of BERT's masked-LM head, or None."""
+    return None if self.mlm_head is None else self.mlm_head.bias[...]
 
   def _scan_blocks(self, x_BTD: jax.Array, rope, mask_BTS: jax.Array) -> jax.Array:
     """Runs the stacked blocks as one ``lax.scan``: one block body to compile."""

@@ -16,9 +16,10 @@ import numpy as np
 
 from llm_jax.core.configuration import base_config
 from llm_jax.core.errors import UserError
-from llm_jax.model import lora
+from llm_jax.model import heads, lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.runs import workdir as workdir_lib
+from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import metrics
 from llm_jax.training.checkpoint import flatten_params, unflatten_like
 
@@ -36,28 +37,44 @@ def resolve(init_from: str) -> tuple[str, int | None]:
 
 
 def source_tokenizer(init_from: str) -> str | None:
-  """The path of the source run's tokenizer.model, or None if it has none."""
+  """The path of the source run's tokenizer file, or None if it has none."""
   workdir, _ = resolve(init_from)
   workdir_lib.read_config(workdir)  # A clear error if it is not a run directory.
-  path = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-  return path if os.path.exists(path) else None
+  return workdir_lib.tokenizer_path(workdir)
 
 
 def use_source_tokenizer(config) -> None:
   """With ``init_from`` and no ``tokenizer.path``, uses the source's tokenizer.
 
-  The new run must encode text with the ids its starting weights learnt; a
-  source without a SentencePiece tokenizer (a GPT-2 import) needs one given.
+  The new run must encode text with the ids its starting weights learnt
+  (a SentencePiece tokenizer.model or a Hugging Face tokenizer.json); a
+  source without one (an import of weights alone) needs one given.
   """
   if not config.init_from or config.tokenizer.path:
     return
   path = source_tokenizer(config.init_from)
   if path is None:
     raise UserError(
-        f'init_from={config.init_from} has no tokenizer.model (e.g. a GPT-2 '
-        'import, whose tokenizer is not SentencePiece). Set '
-        '--config.tokenizer.path to a SentencePiece model with the same ids.')
+        f'init_from={config.init_from} has no tokenizer (an import of weights '
+        'without tokenizer files). Set --config.tokenizer.path to a tokenizer '
+        'with the same ids.')
   config.tokenizer.path = path
+
+
+def source_vocab_size(init_from: str) -> int:
+  """The vocabulary the source's checkpoint was saved with (its model's rows)."""
+  workdir, step = resolve(init_from)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR),
+                               every=0, keep=1_000_000)
+  try:
+    return int(ckpt.metadata(workdir_lib.latest_step(workdir) if step is None else step)
+               ['vocab_size'])
+  finally:
+    ckpt.close()
+
+
+# An LM's output parameters, which a task head replaces (init_from leaves them).
+_LM_ONLY = ('lm_head/', 'mlm_head/')
 
 
 def _model_differences(source_cfg, target_cfg) -> list[str]:
@@ -77,7 +94,7 @@ def check_fits(source_flat: dict, target_flat: dict, source_cfg, target_cfg,
   diffs = _model_differences(source_cfg, target_cfg)
   why = f' (model differences: {"; ".join(diffs)})' if diffs else ''
   for path, spec in target_flat.items():
-    if '/lora_' in path:
+    if '/lora_' in path or (heads.is_task_head_path(path) and path not in source_flat):
       continue
     if path not in source_flat:
       raise UserError(f'init_from={where} has no parameter {path}{why}. Use the '
@@ -87,7 +104,8 @@ def check_fits(source_flat: dict, target_flat: dict, source_cfg, target_cfg,
                       f'{list(source_flat[path].shape)} there but '
                       f'{list(spec.shape)} here{why}. Use the same model config '
                       'as the source run.')
-  extra = sorted(set(source_flat) - set(target_flat))
+  extra = sorted(p for p in set(source_flat) - set(target_flat)
+                 if not (target_cfg.head != 'lm' and p.startswith(_LM_ONLY)))
   if extra:
     raise UserError(f'init_from={where} has parameter {extra[0]}, which this '
                     f'model lacks{why}. Use the same model config as the source run.')
@@ -117,7 +135,9 @@ def init_state(trainer, init_from: str):
     host = np.asarray(jax.device_get(value))
     return jax.make_array_from_callback(host.shape, spec.sharding, lambda i: host[i])
 
-  merged = {path: (fresh[path] if '/lora_' in path else place(source[path], spec))
+  # Adapters, and a task head the source lacks, keep their fresh init.
+  merged = {path: (fresh[path] if '/lora_' in path or path not in source
+                   else place(source[path], spec))
             for path, spec in target.items()}
   metrics.say(f'Initialised from {workdir} (step {run.step}); optimizer state, '
               'schedule and data are this run\'s own.')

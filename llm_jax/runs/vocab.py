@@ -76,9 +76,10 @@ def extend_vocab_workdir(workdir: str, text: str, num_pieces: int | None,
     The new workdir's absolute path.
   """
   run = workdir_lib.load(workdir)
-  if run.tokenizer is None:
-    raise UserError(f'{workdir} has no tokenizer.model to extend (a GPT-2 import '
-                    'has none: its tokenizer is not SentencePiece).')
+  if run.tokenizer is None or run.tokenizer.kind != 'sentencepiece':
+    has = 'no tokenizer' if run.tokenizer is None else f'a {run.tokenizer.file_name}'
+    raise UserError(f'{workdir} has {has}: only a SentencePiece tokenizer.model can be '
+                    'extended (a Hugging Face tokenizer cannot: train a new one instead).')
   merged, added = tokenizer_lib.extend_tokenizer(
       run.tokenizer.model_bytes, read_texts(text), num_pieces or 0,
       num_threads=run.config.data.num_threads)
@@ -94,5 +95,6 @@ def extend_vocab_workdir(workdir: str, text: str, num_pieces: int | None,
   metrics.say(f'Added {len(added)} pieces ({run.tokenizer.vocab_size} -> '
               f'{vocab_size}), e.g. {" ".join(added[:10])}')
   return workdir_lib.write(
-      out, config, params, vocab_size=vocab_size, tokenizer_bytes=merged,
+      out, config, params, vocab_size=vocab_size,
+      tokenizer=tokenizer_lib.Tokenizer.from_bytes(merged),
       source=dict(extended_from=run.workdir, step=run.step, added_pieces=len(added)))

@@ -1,14 +1,15 @@
 """A run directory: reading it back (config, tokenizer, parameters) and writing a new one.
 
 A workdir (docs/runs-and-reliability.md) holds ``config.json`` (the resolved config),
-``tokenizer.model`` (a copy of the run's SentencePiece model, so the directory
-is complete on its own), ``checkpoints/<step>/`` (Orbax) and ``tb/``.
+a copy of the run's tokenizer, so the directory is complete on its own
+(``tokenizer.model`` for SentencePiece, or ``tokenizer.json`` with its
+``tokenizer_config.json`` for a Hugging Face tokenizer: one or the other),
+``checkpoints/<step>/`` (Orbax) and ``tb/``.
 ``generate``, ``evaluate``, ``export`` and ``init_from`` all start here;
 imports and vocabulary extension write new ones with ``write``.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import types
@@ -28,7 +29,9 @@ from llm_jax.training import checkpoint as ckpt_lib
 from llm_jax.training import optim, sharding, steps, trainer
 
 CONFIG_FILE = 'config.json'
-TOKENIZER_FILE = 'tokenizer.model'
+TOKENIZER_FILE = tokenizer_lib.SENTENCEPIECE_FILE
+# A run's tokenizer is in one of these (SentencePiece, Hugging Face).
+TOKENIZER_FILES = tokenizer_lib.FILE_NAMES
 CHECKPOINTS_DIR = 'checkpoints'
 
 
@@ -62,18 +65,39 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                     'or retrain.') from None
 
 
-def save_tokenizer(workdir: str, model_bytes: bytes) -> str:
-  """Copies the tokenizer model into the workdir (whole or not at all)."""
-  path = epath.Path(workdir) / TOKENIZER_FILE
-  if path.exists() and path.read_bytes() == model_bytes:
-    return str(path)
-  return files.atomic_write(str(path), model_bytes)
+def save_tokenizer(workdir: str, tokenizer) -> str:
+  """Copies the tokenizer's files into the workdir (each whole or not at all).
+
+  Raises:
+    UserError: the workdir already holds a tokenizer of the other kind.
+  """
+  tok_files = tokenizer.files()
+  for name in TOKENIZER_FILES:
+    if name not in tok_files and (epath.Path(workdir) / name).exists():
+      raise UserError(f'{workdir} holds {name}, but this run\'s tokenizer is '
+                      f'{tokenizer.file_name}: a run keeps one tokenizer. Use a new '
+                      '--workdir (or the tokenizer the run started with).')
+  for name, data in tok_files.items():
+    path = epath.Path(workdir) / name
+    if not (path.exists() and path.read_bytes() == data):
+      files.atomic_write(str(path), data)
+  return str(epath.Path(workdir) / tokenizer.file_name)
+
+
+def tokenizer_path(workdir: str) -> str | None:
+  """The run's tokenizer file (tokenizer.model or tokenizer.json), or None."""
+  found = [str(epath.Path(workdir) / n) for n in TOKENIZER_FILES
+           if (epath.Path(workdir) / n).exists()]
+  if len(found) > 1:
+    raise UserError(f'{workdir} holds both {" and ".join(TOKENIZER_FILES)}; a run '
+                    'keeps one tokenizer: remove the one it was not trained with.')
+  return found[0] if found else None
 
 
 def load_tokenizer(workdir: str):
-  """The run's tokenizer, or None if the workdir has none (e.g. a GPT-2 import)."""
-  path = epath.Path(workdir) / TOKENIZER_FILE
-  return tokenizer_lib.Tokenizer.load(str(path)) if path.exists() else None
+  """The run's tokenizer, or None if the workdir has none."""
+  path = tokenizer_path(workdir)
+  return tokenizer_lib.load(path) if path else None
 
 
 def latest_step(workdir: str) -> int:
@@ -140,14 +164,14 @@ def load(workdir: str, step: int | None = None) -> Run:
 def require_tokenizer(run):
   """The run's tokenizer; UserError if its workdir has none."""
   if run.tokenizer is None:
-    raise UserError(f'{run.workdir} has no tokenizer.model; copy the tokenizer the '
-                    'run was trained with there.')
+    raise UserError(f'{run.workdir} has no tokenizer ({" or ".join(TOKENIZER_FILES)}); '
+                    'copy the tokenizer the run was trained with there.')
   return run.tokenizer
 
 
 def write(workdir: str, config, params: dict, *, vocab_size: int,
-          tokenizer_bytes: bytes | None, source: dict, step: int = 0) -> str:
-  """Writes a new run directory: config.json, tokenizer.model, checkpoints/<step>.
+          tokenizer, source: dict, step: int = 0) -> str:
+  """Writes a new run directory: config.json, the tokenizer, checkpoints/<step>.
 
   The directory appears whole or not at all (``files.atomic_dir``); an existing
   non-empty ``workdir`` is refused. The checkpoint is a whole ``TrainState``
@@ -157,18 +181,17 @@ def write(workdir: str, config, params: dict, *, vocab_size: int,
   """
   workdir = os.path.abspath(workdir)
   with files.atomic_dir(workdir, what='run directory') as tmp:
-    if tokenizer_bytes is not None:
-      save_tokenizer(tmp, tokenizer_bytes)
+    if tokenizer is not None:
+      save_tokenizer(tmp, tokenizer)
       # Where the tokenizer will be once the directory is renamed into place.
-      config.tokenizer.path = os.path.join(workdir, TOKENIZER_FILE)
+      config.tokenizer.path = os.path.join(workdir, tokenizer.file_name)
     files.atomic_write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
     tx = optim.make_optimizer(config.optim, config.train.steps)
     params = jax.device_put(params, jax.devices()[0])
     state = steps.TrainState(
         step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(config.seed)))
-    tok = types.SimpleNamespace(sha256=hashlib.sha256(tokenizer_bytes).hexdigest()
-                                if tokenizer_bytes is not None else None)
+    tok = types.SimpleNamespace(sha256=tokenizer.sha256 if tokenizer is not None else None)
     data = types.SimpleNamespace(tokenizer=tok, vocab_size=vocab_size,
                                  manifest={'content_sha256': None})
     meta = dict(trainer.checkpoint_meta(config, data, step), source=source)
