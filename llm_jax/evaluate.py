@@ -9,6 +9,12 @@ Tasks (``--tasks=FILE.jsonl``): ``{"prompt", "reference"}`` lines are
 generated greedily and scored with BLEU and ROUGE-1/2/L F1; ``{"prompt",
 "answer"}`` lines by exact match of the first generated line.
 
+An encoder's task head (``model.head``; docs/encoders.md) is scored on
+``--task_data`` (default: the run's ``task.val_path``): classification by
+accuracy, macro-F1 and the confusion matrix, beside the majority-class
+baseline; QA by the official SQuAD exact match and F1 (v2: also the
+answerable and unanswerable parts).
+
 Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``.
 
 Plots: ``python -m llm_jax.evaluate --plot --workdir=RUN [--workdir=RUN2]
@@ -24,7 +30,7 @@ from absl import flags
 
 from llm_jax import cli
 from llm_jax.core.errors import UserError
-from llm_jax.evaluation import lm, plots, tasks
+from llm_jax.evaluation import encoder_tasks, lm, plots, tasks
 from llm_jax.runs import workdir as workdir_lib
 
 PROG = 'python -m llm_jax.evaluate'
@@ -44,6 +50,8 @@ flags.DEFINE_integer('batch_size', None, 'Rows per batch (default train.batch_si
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_string('tasks', '', 'JSONL of {"prompt","reference"} / {"prompt","answer"}.',
                     flag_values=FLAGS)
+flags.DEFINE_string('task_data', '', "A task head's examples: JSONL (classification) or "
+                    "SQuAD JSON (qa); default the run's task.val_path.", flag_values=FLAGS)
 flags.DEFINE_integer('max_new_tokens', 32, 'Generated tokens per task.', lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_string('name', '', 'Results file name under <workdir>/eval/ (no .json; '
@@ -65,6 +73,8 @@ def _result_name() -> str:
     return FLAGS.name
   if FLAGS.tasks:
     return 'tasks-' + os.path.splitext(os.path.basename(FLAGS.tasks))[0]
+  if FLAGS.task_data:
+    return 'task-' + os.path.splitext(os.path.basename(FLAGS.task_data))[0]
   if FLAGS.file:
     return 'file-' + ''.join(c if c.isalnum() else '_' for c in FLAGS.file).strip('_')
   return f'{FLAGS.source or "data"}-{FLAGS.split}'
@@ -84,7 +94,11 @@ def _main() -> dict:
   name = _result_name()
   run = workdir_lib.load(FLAGS.workdir[0], FLAGS.step)
   results = {'workdir': run.workdir, 'step': run.step}
-  if FLAGS.tasks:
+  if run.model_cfg.head != 'lm':
+    results.update(encoder_tasks.evaluate_run(run, FLAGS.task_data))
+  elif FLAGS.task_data:
+    raise UserError(f'--task_data scores a task head; {run.workdir} has model.head=\'lm\'.')
+  elif FLAGS.tasks:
     results.update(tasks=FLAGS.tasks, **tasks.score_tasks(
         run, tasks.read_tasks(FLAGS.tasks), max_new_tokens=FLAGS.max_new_tokens))
   elif FLAGS.file:
@@ -95,6 +109,8 @@ def _main() -> dict:
                                      batch_size=FLAGS.batch_size))
   path = lm.write_json(run.workdir, name, results)
   print(lm.markdown_table(results))
+  if 'confusion' in results:
+    print('\n' + encoder_tasks.confusion_table(results['labels'], results['confusion']))
   print(f'\nWrote {path}')
   return results
 

@@ -205,9 +205,11 @@ def test_trained_bytelevel_bpe_is_lossless_with_roberta_specials(tmp_path):
 
 
 def test_trained_wordpiece_has_bert_specials(tmp_path):
-  path = tokenizer_lib.train(_corpus(), str(tmp_path / 'tokenizer'),
-                             _tok_cfg('wordpiece', 300), 1, encoder=True)
-  tok = tokenizer_lib.load(path)
+  paths = [tokenizer_lib.train(_corpus(), str(tmp_path / f'w{i}' / 'tokenizer'),
+                               _tok_cfg('wordpiece', 300), 1, encoder=True) for i in range(3)]
+  tok = tokenizer_lib.load(paths[0])
+  assert len({tokenizer_lib.load(p).sha256 for p in paths}) == 1, 'training is deterministic'
+  assert '##s' in tok._tk.get_vocab() and tok.vocab_size > 150  # pylint: disable=protected-access
   assert [tok.id_to_piece(i) for i in range(5)] == ['[PAD]', '[UNK]', '[CLS]', '[SEP]',
                                                      '[MASK]']
   ids, types, seqs = tok.with_specials(tok.encode('the cat'), tok.encode('a dog'))
@@ -261,8 +263,9 @@ def test_gpt2_import_keeps_its_tokenizer_and_continues_on_text(tmp_path):
   tk, config = _gpt2()
   hf_dir = _save(str(tmp_path / 'hf'), tk, config)
   torch.manual_seed(0)
+  # The model's vocabulary is padded past the tokenizer's (as Qwen2's is).
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=tk.get_vocab_size(), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+      vocab_size=tk.get_vocab_size() + 7, n_positions=32, n_embd=32, n_layer=1, n_head=2,
       bos_token_id=0, eos_token_id=0))
   model.save_pretrained(hf_dir, safe_serialization=True)
   run_dir = hf.import_hf(hf_dir, str(tmp_path / 'run'))
@@ -288,7 +291,9 @@ def test_gpt2_import_keeps_its_tokenizer_and_continues_on_text(tmp_path):
   assert os.path.exists(tmp_path / 'continued' / 'tokenizer.json')
   assert not os.path.exists(tmp_path / 'continued' / 'tokenizer.model')
   assert result['loss_history'][8] < result['loss_history'][1]
-  assert workdir.load(str(tmp_path / 'continued')).tokenizer.sha256 == run.tokenizer.sha256
+  again = workdir.load(str(tmp_path / 'continued'))
+  assert again.tokenizer.sha256 == run.tokenizer.sha256
+  assert again.model_cfg.vocab_size == tk.get_vocab_size() + 7
 
 
 def test_a_run_keeps_one_tokenizer_kind(tmp_path):

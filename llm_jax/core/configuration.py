@@ -39,6 +39,16 @@ def use_gpt2_architecture(config) -> None:
   m.use_bias, m.tie_embeddings, m.norm_eps = True, True, 1e-5
 
 
+def use_bert_architecture(config) -> None:
+  """BERT's choices: an encoder with post-norm LayerNorm blocks (the embeddings
+  normed, no final norm), learned positions, a token-type table, exact GELU,
+  biases, tied embeddings, LayerNorm epsilon 1e-12. Sizes are left to the preset."""
+  m = config.model
+  m.kind, m.norm_position, m.norm, m.position = 'encoder', 'post', 'layernorm', 'learned'
+  m.mlp, m.gelu, m.use_bias, m.tie_embeddings = 'gelu', 'exact', True, True
+  m.norm_eps, m.type_vocab_size = 1e-12, 2
+
+
 def check_keys(config, base=None, prefix: str = '') -> None:
   """Raises UserError for a key that configs/base.py does not declare."""
   base = base_config() if base is None else base

@@ -25,9 +25,12 @@ a WordPiece (BERT's normalisation: lowercase, accents stripped, CJK characters
 and punctuation split) vocabulary from documents.
 """
 
+import collections
 import hashlib
+import heapq
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -320,6 +323,92 @@ def _bytelevel_from_vocab(path: str, merges: str, config: dict):
 # ---- Training.
 
 
+def _train_wordpiece(docs: list[str], tok_cfg, specials: list[str]):
+  """BERT's pipeline around a vocabulary learnt by ``learn_wordpiece``.
+
+  (The ``tokenizers`` WordPiece trainer breaks ties between equally frequent
+  pairs differently from run to run; the vocabulary must be a function of
+  the documents alone, as the cache key says it is.)
+  """
+  t = _tokenizers()
+  normalizer = t.normalizers.BertNormalizer(lowercase=tok_cfg.lowercase)
+  pre_tokenizer = t.pre_tokenizers.BertPreTokenizer()
+  counts = collections.Counter()
+  for doc in docs:  # BertPreTokenizer's words, 4x faster (only the counts need them).
+    counts.update(_BERT_WORD.findall(normalizer.normalize_str(doc)))
+  vocab = learn_wordpiece(counts, tok_cfg.vocab_size, specials)
+  tk = t.Tokenizer(t.models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token='[UNK]'))
+  tk.normalizer, tk.pre_tokenizer = normalizer, pre_tokenizer
+  tk.decoder = t.decoders.WordPiece()
+  tk.add_special_tokens(specials)
+  return tk
+
+
+# Runs of letters and digits, or one punctuation mark (BERT counts _ as one).
+_BERT_WORD = re.compile(r'[^\W_]+|[^\w\s]|_')
+
+
+def learn_wordpiece(counts: dict[str, int], vocab_size: int, specials: Sequence[str],
+                    prefix: str = '##') -> list[str]:
+  """A WordPiece vocabulary by BPE-style merges, deterministic (ties: the smaller pair).
+
+  Words start as their characters (``'##'`` before all but the first); the
+  most frequent adjacent pair merges until the vocabulary is full. At most
+  half of it goes to single characters, the most frequent first.
+  """
+  words = [[w[0]] + [prefix + c for c in w[1:]] for w in sorted(counts)]
+  freq = [counts[w] for w in sorted(counts)]
+  symbol_counts = collections.Counter()
+  for syms, n in zip(words, freq):
+    symbol_counts.update({s: n for s in syms})
+  room = max(vocab_size - len(specials), 0)
+  alphabet = sorted(symbol_counts, key=lambda s: (-symbol_counts[s], s))[:max(room // 2, 1)]
+  vocab, known = [*specials, *sorted(alphabet)], set(alphabet)
+  keep = [i for i, syms in enumerate(words) if set(syms) <= known]
+  words, freq = [words[i] for i in keep], [freq[i] for i in keep]
+  pairs, where = collections.Counter(), collections.defaultdict(set)
+  for i, syms in enumerate(words):
+    for pair in zip(syms, syms[1:]):
+      pairs[pair] += freq[i]
+      where[pair].add(i)
+  heap = [(-n, pair) for pair, n in pairs.items()]
+  heapq.heapify(heap)
+  while len(vocab) < vocab_size and heap:
+    n, pair = heapq.heappop(heap)
+    if -n != pairs.get(pair, 0) or n == 0:
+      continue  # Stale: the count changed since this entry was pushed.
+    merged = pair[0] + pair[1][len(prefix):]
+    vocab.append(merged)
+    touched = set()
+    for i in sorted(where.pop(pair)):
+      touched |= _merge_in_word(words, freq, i, pair, merged, pairs, where)
+    del pairs[pair]
+    for p in sorted(touched - {pair}):
+      if pairs.get(p, 0) > 0:
+        heapq.heappush(heap, (-pairs[p], p))
+  return vocab
+
+
+def _merge_in_word(words, freq, i, pair, merged, pairs, where) -> set:
+  """Replaces ``pair`` by ``merged`` in word ``i``; returns the pairs whose count changed."""
+  syms, n = words[i], freq[i]
+  for old in zip(syms, syms[1:]):
+    pairs[old] -= n
+  out, j = [], 0
+  while j < len(syms):
+    if j + 1 < len(syms) and (syms[j], syms[j + 1]) == pair:
+      out.append(merged)
+      j += 2
+    else:
+      out.append(syms[j])
+      j += 1
+  words[i] = out
+  for new in zip(out, out[1:]):
+    pairs[new] += n
+    where[new].add(i)
+  return set(zip(syms, syms[1:])) | set(zip(out, out[1:]))
+
+
 def train(docs: list[str], prefix: str, tok_cfg, *, encoder: bool) -> str:
   """Trains ``tok_cfg.kind`` ('bytelevel_bpe' or 'wordpiece') on ``docs``.
 
@@ -344,18 +433,14 @@ def train(docs: list[str], prefix: str, tok_cfg, *, encoder: bool) -> str:
     roles = dict(bos='<s>', eos='</s>', unk='<unk>', pad='<pad>', cls='<s>', sep='</s>',
                  mask='<mask>' if encoder else None)
   elif kind == 'wordpiece':
-    tk = t.Tokenizer(t.models.WordPiece(unk_token='[UNK]'))
-    tk.normalizer = t.normalizers.BertNormalizer(lowercase=tok_cfg.lowercase)
-    tk.pre_tokenizer = t.pre_tokenizers.BertPreTokenizer()
-    tk.decoder = t.decoders.WordPiece()
     specials = [*WORDPIECE_SPECIALS, *(['[MASK]'] if encoder else [])]
-    trainer = t.trainers.WordPieceTrainer(
-        vocab_size=tok_cfg.vocab_size, special_tokens=specials, show_progress=False)
+    tk = _train_wordpiece(docs, tok_cfg, specials)
     roles = dict(bos='[CLS]', eos='[SEP]', unk='[UNK]', pad='[PAD]', cls='[CLS]',
                  sep='[SEP]', mask='[MASK]' if encoder else None)
   else:
     raise ValueError(kind)
-  tk.train_from_iterator(docs, trainer=trainer, length=len(docs))
+  if kind == 'bytelevel_bpe':
+    tk.train_from_iterator(docs, trainer=trainer, length=len(docs))
   cls_id, sep_id = tk.token_to_id(roles['cls']), tk.token_to_id(roles['sep'])
   if kind == 'bytelevel_bpe':
     tk.post_processor = t.processors.RobertaProcessing(

@@ -136,10 +136,11 @@ class SftData:
   train_rows: dict
   val_rows: dict
   manifest: dict
+  vocab_floor: int = 0  # As shards.PreparedData's: a source model's padded vocabulary.
 
   @property
   def vocab_size(self) -> int:
-    return self.tokenizer.vocab_size
+    return max(self.tokenizer.vocab_size, self.vocab_floor)
 
   @property
   def num_windows(self) -> int:

@@ -57,10 +57,13 @@ class PreparedData:
   train_shards: tuple[str, ...]
   val_shards: tuple[str, ...]
   manifest: dict
+  # The model's rows when it starts from weights (init_from) whose vocabulary
+  # is padded past the tokenizer's (Qwen2's is); 0: the tokenizer's.
+  vocab_floor: int = 0
 
   @property
   def vocab_size(self) -> int:
-    return self.tokenizer.vocab_size
+    return max(self.tokenizer.vocab_size, self.vocab_floor)
 
   @property
   def dtype(self) -> np.dtype:

@@ -2,9 +2,10 @@
 
 ``run(config, workdir)`` is what ``python -m llm_jax.train`` and notebooks call.
 Every objective of the trainer goes through it: a decoder LM on token windows,
-an encoder's masked LM (the same windows, masked per step from (seed, step))
-and SFT on packed chat examples. ``_Inputs`` hides which: it serves the train
-batches from any step and the fixed validation batches.
+an encoder's masked LM (the same windows, masked per step from (seed, step)),
+SFT on packed chat examples and an encoder's task head (``model.head``:
+classification or QA rows from ``task.*``). ``_Inputs`` hides which: it serves
+the train batches from any step and the fixed validation batches.
 """
 
 import dataclasses
@@ -18,12 +19,14 @@ from collections.abc import Callable, Iterator
 
 from etils import epath
 import jax
+import numpy as np
 
 from llm_jax.core import files
 from llm_jax.core.configuration import check_keys
 from llm_jax.core.errors import UserError
 from llm_jax.data import masking, pipeline, sft, shards
-from llm_jax.evaluation import tasks
+from llm_jax.data import tasks as task_data
+from llm_jax.evaluation import encoder_tasks, tasks
 from llm_jax.runs import init_from as init_from_lib
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.training import checkpoint, loop, metrics, sharding, trainer
@@ -72,11 +75,17 @@ def run(config, workdir: str | None = None) -> dict:
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
   inputs = _Inputs.prepare(config)
   data = inputs.data
+  if inputs.is_task and config.model.head == 'classification':
+    # The label set (from the training file unless given) sizes the head.
+    config.task.labels = ','.join(data.labels)
+    config.model.num_labels = len(data.labels)
+    _write_config(config, workdir)
   if jax.process_index() == 0:
     # The workdir is complete on its own: generate/evaluate/export need no cache.
     workdir_lib.save_tokenizer(workdir, data.tokenizer)
-  metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
-              'nats/token (a model must beat this to have learnt anything).')
+  if not inputs.is_task:
+    metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
+                'nats/token (a model must beat this to have learnt anything).')
   mesh = sharding.make_mesh(config.mesh)
   tr = trainer.Trainer.build(config, data.vocab_size, mesh)
   metrics.say(f'Model: {tr.model_cfg.num_params():,} parameters; mesh '
@@ -99,7 +108,10 @@ def run(config, workdir: str | None = None) -> dict:
   result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
                 vocab_size=data.vocab_size, wall_seconds=time.perf_counter() - t0,
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  _summarise(result)
+  if inputs.is_task:
+    _summarise_task(result, data)
+  else:
+    _summarise(result)
   return result
 
 
@@ -112,9 +124,19 @@ class _Inputs:
 
   @classmethod
   def prepare(cls, config) -> '_Inputs':
+    # With init_from, the model keeps the source's rows even where its
+    # vocabulary is padded past the tokenizer's.
+    floor = init_from_lib.source_vocab_size(config.init_from) if config.init_from else 0
     if config.data.source == 'sft':  # Instruction tuning: packed chat examples.
-      return cls(config, sft.prepare(config, log=metrics.say), None)
-    data = shards.prepare(config, log=metrics.say)
+      data = sft.prepare(config, log=metrics.say)
+      return cls(config, dataclasses.replace(data, vocab_floor=floor), None)
+    if config.model.head != 'lm':  # An encoder's task head: labelled rows.
+      root = shards.cache_root(config.data)
+      return cls(config, task_data.prepare(
+          config, log=metrics.say, vocab_floor=floor,
+          get_tokenizer=lambda texts: shards.get_tokenizer(config, texts, root,
+                                                           metrics.say)), None)
+    data = dataclasses.replace(shards.prepare(config, log=metrics.say), vocab_floor=floor)
     masker = None
     if config.model.kind == 'encoder':
       masker = masking.Masker.from_tokenizer(
@@ -126,18 +148,27 @@ class _Inputs:
   def is_sft(self) -> bool:
     return isinstance(self.data, sft.SftData)
 
+  @property
+  def is_task(self) -> bool:
+    return isinstance(self.data, task_data.TaskData)
+
+  @property
+  def serves_rows(self) -> bool:
+    """SFT and task data serve their own batches (not token windows)."""
+    return self.is_sft or self.is_task
+
   def _windows(self, paths):
     return pipeline.TokenWindows(paths, self.data.manifest['dtype'],
                                  self.config.data.seq_len)
 
   def num_windows(self) -> int:
-    return (self.data.num_windows if self.is_sft else
+    return (self.data.num_windows if self.serves_rows else
             self._windows(self.data.train_shards).num_windows)
 
   def eval_batches(self) -> list[dict]:
     kw = dict(global_batch=self.config.train.batch_size,
               num_batches=self.config.train.eval_batches, **_hosts())
-    if self.is_sft:  # data.sft.SftData serves its own batches.
+    if self.serves_rows:  # SftData and TaskData serve their own batches.
       return self.data.eval_batches(**kw)
     batches = pipeline.eval_batches(self._windows(self.data.val_shards), **kw)
     return batches if self.masker is None else self.masker.eval_batches(batches)
@@ -145,14 +176,15 @@ class _Inputs:
   def train_batches(self, start: int) -> Iterator[dict]:
     kw = dict(global_batch=self.config.train.batch_size, seed=self.config.seed,
               start_step=start, **_hosts())
-    if self.is_sft:
+    if self.serves_rows:
       return self.data.train_batches(**kw)
     batches = pipeline.train_batches(self._windows(self.data.train_shards), **kw)
     return batches if self.masker is None else self.masker.train_batches(batches, start)
 
   def val_bytes_per_token(self) -> float:
     """UTF-8 bytes per validation token (0 for SFT): evals add bits per byte."""
-    return 0.0 if self.is_sft else self.data.manifest['splits']['val']['bytes_per_token']
+    return (0.0 if self.serves_rows else
+            self.data.manifest['splits']['val']['bytes_per_token'])
 
 
 def _hosts() -> dict:
@@ -197,14 +229,30 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
       log_every=config.train.log_every, nan_policy=config.train.nan_policy,
       max_nan_skips=config.train.max_nan_skips,
       val_bytes_per_token=inputs.val_bytes_per_token())
-  if config.train.eval_tasks and not inputs.is_sft:
+  if config.train.eval_tasks and not inputs.serves_rows:
     io.extra_eval = tasks.loop_task_eval(config, tr, inputs.data.tokenizer)
+  if inputs.is_task:  # Accuracy and macro-F1, or SQuAD exact match and F1.
+    io.extra_eval = encoder_tasks.loop_task_eval(config, tr, inputs.data)
   batches = inputs.train_batches(start)
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({inputs.num_windows():,} windows per epoch).')
   state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
                                 io, meta_fn)
   return state, {**result, 'tokens_per_step': batch * seq_len}
+
+
+def _summarise_task(r: dict, data) -> None:
+  """The task's scores against its trivial baseline."""
+  if data.head == 'classification':
+    counts = np.bincount(data.val_rows['labels'][:, 0], minlength=len(data.labels))
+    metrics.say(f'Done at step {r["step"]}: validation accuracy {r["task_accuracy"]:.4f}, '
+                f'macro-F1 {r["task_macro_f1"]:.4f}; always answering the majority label '
+                f'scores {counts.max() / counts.sum():.4f}.')
+  else:
+    metrics.say(f'Done at step {r["step"]}: validation SQuAD exact match '
+                f'{r["task_exact_match"]:.2f}, F1 {r["task_f1"]:.2f} (percent).')
+  metrics.say(f'Run directory: {r["workdir"]}. Scores on other data: python -m '
+              f'llm_jax.evaluate --workdir={r["workdir"]} --task_data=FILE')
 
 
 def _summarise(r: dict) -> None:

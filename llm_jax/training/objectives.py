@@ -1,9 +1,12 @@
 """The training objectives, as losses over the batch contract (``llm_jax/data/batch.py``).
 
-``token_cross_entropy`` is the objective of every run today: next-token
+``token_cross_entropy`` is the language models' objective: next-token
 prediction (decoders), masked-token prediction (encoders) and response-only
 SFT differ only in the batch's ``targets`` and ``weights``. It returns a
 weighted sum and the total weight; the loss is their ratio.
+``classification_cross_entropy`` and ``span_cross_entropy`` are an encoder's
+task heads' (``model.head``); ``model_loss`` picks the model's, and
+``correct`` counts what its accuracy counts.
 
 A cross-entropy that never holds the full float32 ``[B, T, V]`` logits:
 
@@ -40,20 +43,85 @@ def token_cross_entropy(model, batch: Batch, *, loss_chunk: int = 0,
   """
   inputs = dict(tokens_BT=batch['inputs'], positions_BT=batch.get('positions'),
                 segment_ids_BT=batch.get('segment_ids'))
+  if 'token_type_ids' in batch:
+    inputs['token_types_BT'] = batch['token_type_ids']
   if loss_chunk and not need_logits:
     loss_sum, count = chunked_cross_entropy(
         model(**inputs, return_hidden=True), model.lm_head_DV(),
-        batch['targets'], batch.get('weights'), chunk=loss_chunk)
+        batch['targets'], batch.get('weights'), chunk=loss_chunk,
+        bias_V=model.lm_head_bias_V())
     return loss_sum, count, None
   logits_BTV = model(**inputs)
   loss_sum, count = cross_entropy(logits_BTV, batch['targets'], batch.get('weights'))
   return loss_sum, count, logits_BTV
 
 
+def model_loss(model, batch: Batch, *, loss_chunk: int = 0, need_logits: bool = False):
+  """``(weighted loss sum, total weight, outputs or None)`` of the model's own objective."""
+  head = model.cfg.head
+  if head == 'classification':
+    return classification_cross_entropy(model, batch)
+  if head == 'qa':
+    return span_cross_entropy(model, batch)
+  return token_cross_entropy(model, batch, loss_chunk=loss_chunk, need_logits=need_logits)
+
+
+def _task_inputs(batch: Batch) -> dict:
+  return dict(tokens_BT=batch['inputs'], segment_ids_BT=batch.get('segment_ids'),
+              token_types_BT=batch.get('token_type_ids'))
+
+
+def _row_weights(batch: Batch) -> jax.Array:
+  """A row's weight (column 0: per-row values are repeated along T)."""
+  if 'weights' in batch:
+    return batch['weights'][:, 0].astype(jnp.float32)
+  return jnp.ones(batch['inputs'].shape[:1], jnp.float32)
+
+
+def classification_cross_entropy(model, batch: Batch):
+  """Cross-entropy of the class logits ``[B, C]`` against ``labels``."""
+  logits_BC = model(**_task_inputs(batch))
+  losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch['labels'][:, 0])
+  w_B = _row_weights(batch)
+  return (losses_B * w_B).sum(), w_B.sum(), logits_BC
+
+
+def span_cross_entropy(model, batch: Batch):
+  """Mean of the start and end tokens' cross-entropies (padding never wins).
+
+  Returns the start/end logits ``[B, T, 2]`` as outputs, padding at -1e9.
+  """
+  out_BT2 = model(**_task_inputs(batch))
+  if 'segment_ids' in batch:
+    out_BT2 = jnp.where(batch['segment_ids'][..., None] > 0, out_BT2, -1e9)
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  losses_B = 0.5 * (ce(out_BT2[..., 0], batch['start_positions'][:, 0]) +
+                    ce(out_BT2[..., 1], batch['end_positions'][:, 0]))
+  w_B = _row_weights(batch)
+  return (losses_B * w_B).sum(), w_B.sum(), out_BT2
+
+
+def correct(outputs, batch: Batch) -> jax.Array:
+  """Weighted count of right answers: argmax tokens, classes or both span ends."""
+  if 'labels' in batch:
+    hits = jnp.argmax(outputs, axis=-1) == batch['labels'][:, 0]
+    return (hits * _row_weights(batch)).sum()
+  if 'start_positions' in batch:
+    best_B2 = jnp.argmax(outputs, axis=1)
+    hits = ((best_B2[:, 0] == batch['start_positions'][:, 0]) &
+            (best_B2[:, 1] == batch['end_positions'][:, 0]))
+    return (hits * _row_weights(batch)).sum()
+  hits_BT = (jnp.argmax(outputs, axis=-1) == batch['targets']).astype(jnp.float32)
+  if 'weights' in batch:
+    hits_BT = hits_BT * batch['weights']
+  return hits_BT.sum()
+
+
 def chunked_cross_entropy(hidden_BTD: jax.Array, head_DV: jax.Array,
                           targets_BT: jax.Array,
                           weights_BT: jax.Array | None = None, *,
-                          chunk: int) -> tuple[jax.Array, jax.Array]:
+                          chunk: int, bias_V: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array]:
   """Weighted summed token cross-entropy, computed ``chunk`` positions at a time.
 
   Args:
@@ -64,6 +132,7 @@ def chunked_cross_entropy(hidden_BTD: jax.Array, head_DV: jax.Array,
     weights_BT: float loss weight per target (the batch contract's
       ``weights``); None means all ones.
     chunk: positions per chunk; must divide T.
+    bias_V: an output bias (BERT's masked-LM head), or None.
 
   Returns:
     ``(weighted_sum, weight_total)`` as float32 scalars, as
@@ -91,6 +160,8 @@ def chunked_cross_entropy(hidden_BTD: jax.Array, head_DV: jax.Array,
   def chunk_loss(x_BCD, t_BC, w_BC):
     logits_MV = jnp.dot(x_BCD.reshape(B * chunk, D), head_DV,
                         preferred_element_type=jnp.float32)
+    if bias_V is not None:
+      logits_MV = logits_MV + bias_V
     lse_M = jax.nn.logsumexp(logits_MV, axis=-1)
     picked_M = jnp.take_along_axis(logits_MV, t_BC.reshape(-1, 1), axis=-1)[:, 0]
     return jnp.sum((lse_M - picked_M) * w_BC.reshape(-1))

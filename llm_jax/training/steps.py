@@ -31,7 +31,7 @@ class TrainState:
 def _loss_fn(params, batch, graphdef, loss_chunk: int = 0):
   # With LoRA adapters, no gradient flows to the frozen weights.
   model = nnx.merge(graphdef, lora.freeze_base(params))
-  loss_sum, count, _ = objectives.token_cross_entropy(model, batch, loss_chunk=loss_chunk)
+  loss_sum, count, _ = objectives.model_loss(model, batch, loss_chunk=loss_chunk)
   # A micro-batch of only prompt tokens has loss 0 (its sum), not NaN.
   return loss_sum / jnp.where(count > 0, count, 1.0), loss_sum
 
@@ -80,17 +80,16 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
 
 
 def eval_step(params, batch: Batch, *, graphdef, loss_chunk: int = 0) -> dict:
-  """Summed validation loss, weight (token count) and correct argmaxes.
+  """Summed validation loss, weight (token or row count) and correct argmaxes.
 
   With ``loss_chunk`` a decoder's logits are never whole, so no argmaxes are
-  counted (``correct`` is 0; only encoders report accuracy).
+  counted (``correct`` is 0; only encoders report accuracy: masked tokens,
+  classes, or answer spans whose start and end are both right).
   """
   model = nnx.merge(graphdef, params)
-  loss_sum, count, logits_BTV = objectives.token_cross_entropy(
+  loss_sum, count, outputs = objectives.model_loss(
       model, batch, loss_chunk=loss_chunk, need_logits=not model.cfg.causal)
-  if logits_BTV is None:
+  if outputs is None:
     return {'loss_sum': loss_sum, 'count': count, 'correct': jnp.zeros((), jnp.float32)}
-  hits_BT = (jnp.argmax(logits_BTV, axis=-1) == batch['targets']).astype(jnp.float32)
-  if 'weights' in batch:
-    hits_BT = hits_BT * batch['weights']
-  return {'loss_sum': loss_sum, 'count': count, 'correct': hits_BT.sum()}
+  return {'loss_sum': loss_sum, 'count': count,
+          'correct': objectives.correct(outputs, batch)}
