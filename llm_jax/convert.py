@@ -1,20 +1,22 @@
 r"""Hugging Face checkpoints in and out, and vocabulary extension.
 
     python -m llm_jax.convert import --hf_dir=DIR --workdir=OUT [--seq_len=N]
-    python -m llm_jax.convert export --workdir=RUN --out=DIR [--format=llama|qwen2|gpt2] [--step=N]
+    python -m llm_jax.convert export --workdir=RUN --out=DIR [--format=llama|qwen2|gpt2|bert|roberta] [--step=N]
     python -m llm_jax.convert extend_vocab --workdir=RUN --text=GLOB --num_pieces=N --out=OUT
 
 import        reads ``config.json`` and ``*.safetensors`` (one file or a shard
-              set) of a GPT-2 or LLaMA-family (LLaMA, Mistral, Qwen2) model and
+              set) of a GPT-2, LLaMA-family (LLaMA, Mistral, Qwen2) or
+              BERT/RoBERTa (masked LM, sequence classification, QA) model and
               writes an llm_jax run directory (weights at checkpoints/0, a
-              fresh optimizer state, tokenizer.model when the HF directory has
-              a SentencePiece one).
+              fresh optimizer state, and the tokenizer: tokenizer.model, or
+              tokenizer.json from tokenizer.json / vocab.txt / vocab.json).
 export        writes ``config.json`` + ``model.safetensors`` (and the tokenizer)
               that ``transformers`` loads with ``from_pretrained``.
 extend_vocab  learns up to N SentencePiece pieces from the text files (or JSONL
               'text' fields), appends those the tokenizer lacks (old ids
               unchanged) and writes OUT with grown embedding and output rows.
-              Continue it with init_from.
+              Continue it with init_from. (SentencePiece only: a Hugging Face
+              tokenizer cannot be extended.)
 
 Only safetensors are read or written (never pickle). Outputs are written
 under a temporary name and renamed into place; an existing non-empty output

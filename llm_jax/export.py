@@ -4,7 +4,9 @@ r"""Export a run as a TensorFlow SavedModel: ``python -m llm_jax.export``.
 
 The whole generation loop (prefill plus KV-cache steps) becomes one
 SavedModel function, with a ``generate_text`` signature that tokenizes in the
-graph (docs/serving.md documents the signatures). The export is written to a
+graph (docs/serving.md documents the signatures). A run with a task head
+(``model.head``) gets ``classify`` or ``answer`` signatures instead, tokenizing in
+the graph where tensorflow-text can (docs/encoders.md). The export is written to a
 temporary directory beside ``--out`` and renamed into place; ``--overwrite``
 replaces only an earlier export, never a run or another directory. Bad input
 exits 2 with one line; ``--help`` exits 0.

@@ -1,6 +1,7 @@
 """Encoder task heads: readers, rows, scores, and fine-tuning on generated sets."""
 
 import json
+import os
 import random
 
 import ml_collections
@@ -239,6 +240,19 @@ def test_classifier_beats_the_majority_class(tmp_path, capsys, command_status):
   assert '| accuracy |' in out and '| true \\ predicted | animal | food | tool |' in out
   saved = json.loads((tmp_path / 'run' / 'eval' / 'data-val.json').read_text())
   assert np.trace(saved['confusion']) >= 0.95 * len(gold)
+  # The SavedModel classifies text in the graph (WordPiece) as JAX does.
+  from llm_jax.deploy import saved_model  # pylint: disable=g-import-not-at-top
+  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
+  info = saved_model.export(str(tmp_path / 'run'), str(tmp_path / 'export'),
+                            platforms=('cpu',), log=lambda *_: None)
+  assert info['signatures'] == ['classify', 'classify_ids']
+  texts = ['we saw a big hammer there today', 'an apple and bread', 'the tiger']
+  got = tf.saved_model.load(str(tmp_path / 'export')).signatures['classify'](
+      text=tf.constant(texts))
+  ours = infer.classify(run, texts)
+  assert [x.decode() for x in got['label'].numpy()] == [label for label, _ in ours]
+  np.testing.assert_allclose(got['probabilities'].numpy(), np.stack([p for _, p in ours]),
+                             atol=1e-5)
 
 
 @pytest.fixture(scope='module')
@@ -270,3 +284,91 @@ def test_qa_beats_trivial_baselines(qa_run):
   got = infer.answer(run, 'Where does alice live?', 'bruno eats fish soup. alice lives in oslo.')
   assert got.text == 'oslo' and 'bruno eats fish soup. alice lives in oslo.'[got.start:got.end] == 'oslo'
 
+
+@pytest.mark.slow  # About 1 minute beside the shared fine-tuning.
+def test_qa_savedmodel_answers_as_jax_does(qa_run, tmp_path):
+  """TF (the answer signature: WordPiece and windows in the graph) gives JAX's spans."""
+  from llm_jax.core import tfhost  # pylint: disable=g-import-not-at-top
+  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
+  from llm_jax.deploy import saved_model  # pylint: disable=g-import-not-at-top
+  run, _, triples = qa_run
+  info = saved_model.export(run.workdir, str(tmp_path / 'export'), platforms=('cpu',),
+                            log=lambda *_: None)
+  assert info['signatures'] == ['answer', 'answer_ids']
+  assert sorted(os.listdir(tmp_path / 'export' / 'assets')) == ['tokenizer.json',
+                                                                'tokenizer_config.json']
+  # Validation questions, and long contexts (several windows, non-ASCII text).
+  pairs = [(q, c) for c, q, *_ in triples[:12]]
+  long_context = ' '.join(c for c, *_ in triples[12:16]) + ' Zoë lives in Malmö.'
+  pairs += [(q, long_context) for _, q, *_ in triples[12:16]]
+  pairs.append(('Where does Zoë live?', long_context))
+  tfhost.import_text()
+  answer = tf.saved_model.load(str(tmp_path / 'export')).signatures['answer']
+  got = answer(question=tf.constant([q for q, _ in pairs]),
+               context=tf.constant([c for _, c in pairs]))
+  for i, (q, c) in enumerate(pairs):
+    ours = infer.answer(run, q, c)
+    assert got['answer'].numpy()[i].decode() == ours.text, (q, c)
+    assert (got['start'].numpy()[i], got['end'].numpy()[i]) == (ours.start, ours.end)
+    assert abs(got['score'].numpy()[i] - ours.score) < 1e-3
+  assert sum(bool(a) for a in got['answer'].numpy()) >= 10
+
+
+def _random_task_run(tmp_path, head: str, kind: str):
+  """A task run with fresh weights and a ``kind`` tokenizer (no training)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from llm_jax.model.transformer import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from llm_jax.runs import workdir  # pylint: disable=g-import-not-at-top
+  texts = [t for c, q, *_ in squad_questions(100, 0) for t in (c, q)] * 3
+  cfg = ml_collections.ConfigDict(dict(kind=kind, vocab_size=300, lowercase=True,
+                                       model_type='bpe', character_coverage=1.0,
+                                       input_sentence_size=100_000))
+  tok = tokenizer_lib.load(tokenizer_lib.train(texts, str(tmp_path / 'tok' / 'tokenizer'),
+                                               cfg, 1, encoder=True))
+  c = _tiny(configuration.load_preset('qa' if head == 'qa' else 'classify'), tmp_path, 100)
+  c.model.init_std = 0.5  # Spread-out scores: ties would make any span a right one.
+  if head == 'classification':
+    c.task.labels, c.model.num_labels = 'animal,food,tool', 3
+  model_cfg = ModelConfig.from_config(c.model, vocab_size=tok.vocab_size, max_len=32)
+  params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  path = workdir.write(str(tmp_path / 'run'), c, params, vocab_size=tok.vocab_size,
+                       tokenizer=tok, source={'test': 'random'})
+  return workdir.load(path)
+
+
+@pytest.mark.slow  # About 1.5 minutes: two exports.
+def test_sentencepiece_answers_in_graph_and_bytelevel_exports_ids(tmp_path):
+  from llm_jax.core import tfhost  # pylint: disable=g-import-not-at-top
+  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
+  from llm_jax.deploy import saved_model  # pylint: disable=g-import-not-at-top
+  tfhost.import_text()
+  run = _random_task_run(tmp_path / 'sp', 'qa', 'sentencepiece')
+  info = saved_model.export(run.workdir, str(tmp_path / 'sp_export'), platforms=('cpu',),
+                            log=lambda *_: None)
+  assert info['signatures'] == ['answer', 'answer_ids']
+  pairs = [(q, c) for c, q, *_ in squad_questions(6, 3)]
+  pairs.append(('Wo wohnt Zoë?', ' '.join(c for c, *_ in squad_questions(3, 4)) + ' Zoë.'))
+  got = tf.saved_model.load(str(tmp_path / 'sp_export')).signatures['answer'](
+      question=tf.constant([q for q, _ in pairs]), context=tf.constant([c for _, c in pairs]))
+  for i, (q, c) in enumerate(pairs):
+    ours = infer.answer(run, q, c)
+    assert got['answer'].numpy()[i].decode() == ours.text, (q, c)
+    assert (got['start'].numpy()[i], got['end'].numpy()[i]) == (ours.start, ours.end)
+
+  # Byte-level BPE has no tensorflow-text op: ids signatures and the files in assets.
+  run = _random_task_run(tmp_path / 'bl', 'classification', 'bytelevel_bpe')
+  info = saved_model.export(run.workdir, str(tmp_path / 'bl_export'), platforms=('cpu',),
+                            log=lambda *_: None)
+  assert info['signatures'] == ['classify_ids']
+  assert sorted(os.listdir(tmp_path / 'bl_export' / 'assets')) == ['tokenizer.json',
+                                                                   'tokenizer_config.json']
+  texts = ['we saw a tiger', 'the hammer and the bread today']
+  rows = [run.tokenizer.with_specials(run.tokenizer.encode(t)) for t in texts]
+  width = max(len(ids) for ids, _, _ in rows)
+  pad = lambda xs, v=0: [x + [v] * (width - len(x)) for x in xs]
+  got = tf.saved_model.load(str(tmp_path / 'bl_export')).signatures['classify_ids'](
+      tokens=tf.constant(pad([ids for ids, _, _ in rows], run.tokenizer.pad_id)),
+      token_type_ids=tf.constant(pad([t for _, t, _ in rows])),
+      attention_mask=tf.constant(pad([[1] * len(ids) for ids, _, _ in rows])))
+  ours = np.stack([p for _, p in infer.classify(run, texts)])
+  np.testing.assert_allclose(got['probabilities'].numpy(), ours, atol=1e-5)

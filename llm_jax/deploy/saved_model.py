@@ -25,6 +25,9 @@ Signatures (docs/serving.md documents them):
   op) has no ``generate_text``; its ``tokenizer.json`` and
   ``tokenizer_config.json`` are in ``assets/`` for the client.
 
+A run with a task head (``model.head`` 'classification' or 'qa') exports
+``classify`` / ``answer`` signatures instead (``deploy/task_export.py``).
+
 Requests the model cannot answer fail with InvalidArgument (graph asserts):
 a length outside ``1 .. min(prompt_len, max_len - 1)`` (the prompt must fit
 the context with room for one new token), a token id outside the vocabulary,
@@ -51,7 +54,7 @@ from llm_jax.core.errors import UserError
 from llm_jax.core import tfhost
 from llm_jax.core.tfhost import tf
 from llm_jax.deploy import quantize as quantize_lib
-from llm_jax.deploy import warmup
+from llm_jax.deploy import task_export, warmup
 from llm_jax.deploy.warmup import TEXT_SIGNATURE
 from llm_jax.inference import decode
 from llm_jax.runs import workdir as workdir_lib
@@ -231,6 +234,13 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
     raise UserError(f'--platforms has {bad[0]!r}; choose from {", ".join(PLATFORMS)}.')
   run = workdir_lib.load(workdir, step)
   cfg = run.model_cfg
+  if cfg.head != 'lm':  # An encoder's task head: classify / answer signatures.
+    if quantize != 'none':
+      raise UserError(f'--quantize={quantize} is for decoders; export a '
+                      f'{cfg.head} head with --quantize=none.')
+    return task_export.export(run, out, guard=guard, overwrite=overwrite,
+                              platforms=platforms, text_signature=text_signature,
+                              signature_tensors=signature_tensors, log=log)
   width = max(1, min(max_new_tokens, cfg.max_len - 1))
   prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
   t0 = time.time()
