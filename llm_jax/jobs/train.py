@@ -202,8 +202,12 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
   batches = inputs.train_batches(start)
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({inputs.num_windows():,} windows per epoch).')
-  state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
-                                io, meta_fn)
+  try:
+    state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
+                                  io, meta_fn)
+  finally:
+    batches.close()  # Stops the prefetch thread now, not at garbage collection.
+    io.tb.close()
   return state, {**result, 'tokens_per_step': batch * seq_len}
 
 
