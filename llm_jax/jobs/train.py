@@ -79,6 +79,7 @@ def run(config, workdir: str | None = None) -> dict:
 
 def _run_in(config, workdir: str, t0: float) -> dict:
   """``run`` once the run directory is ours."""
+  _refuse_a_silent_restart(config, workdir)
   if config.init_from:
     init_from_lib.use_source_tokenizer(config)  # Before config.json records it.
   _write_config(config, workdir)
@@ -101,7 +102,6 @@ def _run_in(config, workdir: str, t0: float) -> dict:
                                  every=config.checkpoint.every, keep=config.checkpoint.keep,
                                  keep_every=config.checkpoint.keep_every)
   try:
-    _refuse_a_silent_restart(config, ckpt, workdir)
     state, result = _resume_and_train(config, tr, ckpt, inputs, workdir)
   finally:
     ckpt.close()  # Even on an error, a save in flight is finished, not left torn.
@@ -119,7 +119,7 @@ def _run_in(config, workdir: str, t0: float) -> dict:
   return result
 
 
-def _refuse_a_silent_restart(config, ckpt, workdir: str) -> None:
+def _refuse_a_silent_restart(config, workdir: str) -> None:
   """Refuses step 0 where an earlier start trained but no checkpoint is left.
 
   TensorBoard events past step 0 with no checkpoint mean the checkpoints were
@@ -128,8 +128,9 @@ def _refuse_a_silent_restart(config, ckpt, workdir: str) -> None:
   first. ``train.allow_fresh_start`` says that is meant; the old events are
   then moved aside (never deleted) so the new curve starts clean.
   """
-  if ckpt.all_steps():
-    return
+  ckpts = epath.Path(workdir) / workdir_lib.CHECKPOINTS_DIR
+  if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+    return  # Checkpoints (whole or torn) to resume from: restore_or_init decides.
   logdir = os.path.join(workdir, 'tb')
   last = metrics.last_logged_step(logdir)
   if not last:
@@ -137,7 +138,7 @@ def _refuse_a_silent_restart(config, ckpt, workdir: str) -> None:
   if not config.train.allow_fresh_start:
     raise UserError(
         f'{workdir} was trained before (TensorBoard has its curve up to step {last}) '
-        f'but {ckpt.directory} holds no checkpoint: they were deleted or moved, or '
+        f'but {ckpts} holds no checkpoint: they were deleted or moved, or '
         'that run stopped before its first save. Put the checkpoints back to resume, '
         'or pass --config.train.allow_fresh_start=True to train from step 0 here '
         '(the old tb/ is kept beside it), or use a new --workdir.')
