@@ -147,7 +147,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 250  # Steps between validation passes (0: end only).
   c.train.eval_batches = 16  # Batches per validation pass.
   # A JSONL of {"prompt","reference"} / {"prompt","answer"} lines scored at
-  # every eval (BLEU, ROUGE, exact match; see llm_jax/evaluate.py). '': none.
+  # every eval (BLEU, ROUGE, exact match; see llm_jax/evaluation/tasks.py). '': none.
   c.train.eval_tasks = ''
   c.train.eval_task_tokens = 32  # New tokens generated per eval task.
   # A peak FLOP/s per device for MFU; 0 means a known table value for TPUs
@@ -177,7 +177,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # Fully sharded: params/optimizer state split, batch too.
   c.mesh.tensor = 1  # Tensor parallel: heads, MLP and vocab split.
   # Logical axis name -> mesh axis (or None: replicated). Parameters name
-  # their axes (see llm_jax/model.py); these rules place them on the mesh.
+  # their axes (see llm_jax/model/transformer.py); these rules place them on the mesh.
   c.mesh.rules = (
       ('batch', ('data', 'fsdp')),
       ('vocab', 'tensor'),

@@ -1,4 +1,4 @@
-"""Tests of llm_jax/export.py: the SavedModel returns what llm_jax.generate returns.
+"""Tests of llm_jax/deploy/saved_model.py: the SavedModel returns what llm_jax.generate returns.
 
 One tiny run is trained and exported once for the module; the SavedModel is
 read back with TF2's ``tf.saved_model.load`` and with the TF1 session loader

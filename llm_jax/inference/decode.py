@@ -2,7 +2,7 @@
 
 ``decode_tokens`` is a pure function of the parameters and the request (no
 Python control flow on values), so the same code runs under ``jax.jit`` here
-and inside the exported SavedModel (llm_jax/export.py).
+and inside the exported SavedModel (llm_jax/deploy/saved_model.py).
 
 Layout of a request (all rows padded to the same prompt width P):
 
@@ -372,7 +372,7 @@ def generate_for_run(run, prompts: list[list[int]], *, max_new_tokens: int,
     run: a ``workdir.Run``.
     prompts: token ids per prompt (checked with ``check_prompts``).
     max_new_tokens: new tokens per row at most.
-    temperature, top_k, top_p, seed: sampling, as in llm_jax/decode.py.
+    temperature, top_k, top_p, seed: sampling, as in decode_tokens.
     width: the static output width (default ``max_new_tokens``).
     prompt_width: the padded prompt width (default: the next bucket).
     on_token: streaming callback (see ``decode.decode_tokens``).
