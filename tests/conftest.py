@@ -62,6 +62,28 @@ def exported_tiny_run(tmp_path_factory):
   return workdir.load(str(root / 'run')), out, info
 
 
+@pytest.fixture(scope='session')
+def go_build(tmp_path_factory):
+  """serving/go built by its build.sh: {'bin': dir, 'build_sh': path, 'env': env}.
+
+  One build per session serves tests/test_go.py and tests/test_go_server.py;
+  ``env`` points GOCACHE at the build's cache, so ``build.sh --test`` reuses it.
+  Skips without Go.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if shutil.which('go') is None:
+    pytest.skip('Go is not installed (apt-get install golang-go); serving/go is not built')
+  go_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'serving', 'go')
+  build = dict(bin=os.path.join(go_dir, 'bin'), build_sh=os.path.join(go_dir, 'build.sh'),
+               env={**os.environ, 'GOCACHE': str(tmp_path_factory.mktemp('gocache'))})
+  proc = subprocess.run(['bash', build['build_sh'], sys.executable], capture_output=True,
+                        text=True, timeout=600, env=build['env'])
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  return build
+
+
 def stop_with_signal(proc, line_prefix: str, signum: int) -> tuple[int, str]:
   """Sends ``signum`` once a line starting ``line_prefix`` appears.
 
