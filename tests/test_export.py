@@ -216,6 +216,26 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   assert 'no complete checkpoint' in proc.stderr
 
 
+def test_export_over_its_own_run_is_refused_and_the_run_kept(tmp_path):
+  """The defect: --out=RUN --overwrite once deleted the run it exported."""
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '20').mkdir(parents=True)
+  (run / 'checkpoints' / '20' / 'commit_success.txt').write_text('ok')
+  (run / 'config.json').write_text('{}')
+  before = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  proc = subprocess.run(
+      [sys.executable, '-m', 'llm_jax.export', f'--workdir={run}', f'--out={run}',
+       '--overwrite'], capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': os.getcwd()})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  # One line of ours (TF's C++ start-up chatter may come before it).
+  err = proc.stderr.strip().splitlines()
+  assert err[-1].startswith('error: ') and 'is or holds' in err[-1], err
+  assert sum(l.startswith('error') for l in err) == 1 and 'Traceback' not in proc.stderr
+  after = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  assert after == before and sorted(os.listdir(tmp_path)) == ['run']
+
+
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
 def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
   run, _ = exported

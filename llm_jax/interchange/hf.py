@@ -507,18 +507,25 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 0) -> str:
   source = dict(hf_dir=os.path.abspath(hf_dir), family=family,
                 architectures=hf.get('architectures'))
   return workdir_lib.write(workdir, config, params, vocab_size=vocab_size,
-                         tokenizer_bytes=tokenizer_bytes, source=source)
+                           tokenizer_bytes=tokenizer_bytes, source=source,
+                           protect=(hf_dir,))
 
 
 def export_hf(workdir: str, out_dir: str, fmt: str = '', step: int | None = None) -> str:
-  """Writes a run's parameters as a HF directory (config + model.safetensors)."""
+  """Writes a run's parameters as a HF directory (config + model.safetensors).
+
+  ``out_dir`` must not be, hold or lie inside the run (checked before
+  anything is read), and an existing non-empty ``out_dir`` is refused.
+  """
+  guard = dict(protect=(os.path.abspath(workdir),), what='Hugging Face export')
+  files.check_replaceable(os.path.abspath(out_dir), marker=None, **guard)
   run = workdir_lib.load(workdir, step)
   params = run.params
   if any('/lora_' in k for k in flatten_params(params)):
     params = lora.merge(params, run.config.lora)
   family = export_family(run.model_cfg, fmt)
   tensors = params_to_hf(family, params, run.model_cfg)
-  with files.atomic_dir(out_dir, what='Hugging Face export') as tmp:
+  with files.atomic_dir(out_dir, **guard) as tmp:
     save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={'format': 'pt'})
     files.atomic_write_json(os.path.join(tmp, 'config.json'),
                             hf_config(run.model_cfg, family, run.tokenizer))

@@ -146,17 +146,20 @@ def require_tokenizer(run):
 
 
 def write(workdir: str, config, params: dict, *, vocab_size: int,
-          tokenizer_bytes: bytes | None, source: dict, step: int = 0) -> str:
+          tokenizer_bytes: bytes | None, source: dict, step: int = 0,
+          protect: tuple[str, ...] = ()) -> str:
   """Writes a new run directory: config.json, tokenizer.model, checkpoints/<step>.
 
   The directory appears whole or not at all (``files.atomic_dir``); an existing
-  non-empty ``workdir`` is refused. The checkpoint is a whole ``TrainState``
+  non-empty ``workdir`` is refused, and so is one that is, holds or lies
+  inside a directory of ``protect`` (the run or HF directory it comes
+  from). The checkpoint is a whole ``TrainState``
   (fresh optimizer state) with the metadata ``trainer.checkpoint_meta``
   writes; an import has no training data, so its data hash is None
   (``checkpoint.check_compatible`` then skips it).
   """
   workdir = os.path.abspath(workdir)
-  with files.atomic_dir(workdir, what='run directory') as tmp:
+  with files.atomic_dir(workdir, protect=protect, what='run directory') as tmp:
     if tokenizer_bytes is not None:
       save_tokenizer(tmp, tokenizer_bytes)
       # Where the tokenizer will be once the directory is renamed into place.
