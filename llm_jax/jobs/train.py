@@ -49,12 +49,16 @@ def _make_workdir(workdir: str) -> str:
   return workdir
 
 
-def run(config, workdir: str | None = None) -> dict:
+def run(config, workdir: str | None = None, *,
+        on_eval: Callable[[int, dict], bool] | None = None) -> dict:
   """Prepares data, trains (or resumes) and returns the final metrics.
 
   Args:
     config: a ConfigDict shaped like configs/base.py.
     workdir: the run directory; default runs/<config.name>.
+    on_eval: called after each evaluation during training with (step, evals);
+      returning True stops the run there with a checkpoint (``stopped_early``
+      and ``stopped_on_eval`` in the result). Sweeps prune trials with it.
 
   Returns:
     Final metrics: step, loss, val_loss, val_ppl, loss_history, val_history,
@@ -86,11 +90,13 @@ def run(config, workdir: str | None = None) -> dict:
                                  every=config.checkpoint.every, keep=config.checkpoint.keep,
                                  keep_every=config.checkpoint.keep_every)
   try:
-    state, result = _resume_and_train(config, tr, ckpt, inputs, workdir)
+    state, result = _resume_and_train(config, tr, ckpt, inputs, workdir, on_eval)
   finally:
     ckpt.close()  # Even on an error, a save in flight is finished, not left torn.
   if result.get('stopped_early'):
     how = ('Run the same command to resume.' if result.get('stopped_by_signal') else
+           'The caller asked to stop after that evaluation (a sweep pruned it).'
+           if result.get('stopped_on_eval') else
            'Run again with a larger --config.train.stop_at (or 0) to go on.')
     metrics.say(f'Stopped at step {result["step"]} with a checkpoint saved in '
                 f'{ckpt.directory}. {how}')
@@ -159,7 +165,7 @@ def _hosts() -> dict:
   return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def _resume_and_train(config, tr, ckpt, inputs: _Inputs, workdir):
+def _resume_and_train(config, tr, ckpt, inputs: _Inputs, workdir, on_eval):
   """Restores or initialises the state, then trains what is left of the run."""
   meta_fn = lambda step: trainer.checkpoint_meta(config, inputs.data, step)
   init = (functools.partial(init_from_lib.init_state, tr, config.init_from)
@@ -177,13 +183,16 @@ def _resume_and_train(config, tr, ckpt, inputs: _Inputs, workdir):
     metrics.say(f'Training is already complete: the checkpoint is at step {start} '
                 f'and train.steps={config.train.steps}. Raise '
                 '--config.train.steps to train further.')
-    return state, {'step': start, 'val_history': {}, 'loss_history': {},
-                   **tr.evaluate(state.params, eval_batches)}
-  return _train(config, tr, ckpt, state, start, inputs, eval_batches, workdir, meta_fn)
+    evals = tr.evaluate(state.params, eval_batches)
+    if inputs.val_bytes_per_token() and tr.model_cfg.causal:
+      evals['val_bpb'] = loop.bits_per_byte(evals['val_loss'], inputs.val_bytes_per_token())
+    return state, {'step': start, 'val_history': {}, 'loss_history': {}, **evals}
+  return _train(config, tr, ckpt, state, start, inputs, eval_batches, workdir, meta_fn,
+                on_eval)
 
 
 def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdir,
-           meta_fn: Callable[[int], dict]):
+           meta_fn: Callable[[int], dict], on_eval):
   """Runs the loop with its outputs wired up; returns (final state, metrics)."""
   seq_len, batch = config.data.seq_len, config.train.batch_size
   peak, peak_source = metrics.peak_flops(config.train.peak_flops)
@@ -196,7 +205,7 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
       thr=metrics.Throughput(batch * seq_len, flops, peak),
       log_every=config.train.log_every, nan_policy=config.train.nan_policy,
       max_nan_skips=config.train.max_nan_skips,
-      val_bytes_per_token=inputs.val_bytes_per_token())
+      val_bytes_per_token=inputs.val_bytes_per_token(), on_eval=on_eval)
   if config.train.eval_tasks and not inputs.is_sft:
     io.extra_eval = tasks.loop_task_eval(config, tr, inputs.data.tokenizer)
   batches = inputs.train_batches(start)

@@ -2,8 +2,9 @@
 
 ``run_loop`` dispatches step N before it reads step N-1's numbers, so the host
 never waits for the device except for values already computed. Stopping is
-cooperative: SIGINT/SIGTERM (``StopSignals``), a preemption notice or
-``train.stop_at`` finish the step, save a checkpoint and return.
+cooperative: SIGINT/SIGTERM (``StopSignals``), a preemption notice,
+``train.stop_at`` or the caller's ``LoopIO.on_eval`` (a sweep's pruner) finish
+the step, save a checkpoint and return.
 """
 
 import dataclasses
@@ -120,6 +121,11 @@ def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
   return (init or trainer.init_fn)(), 0
 
 
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+  """Nats per token over bytes per token, in bits: vocabulary-independent."""
+  return loss_nats_per_token / bytes_per_token / np.log(2)
+
+
 @dataclasses.dataclass
 class LoopIO:
   """The loop's outputs: progress line, TensorBoard, throughput, history."""
@@ -141,6 +147,14 @@ class LoopIO:
   val_bytes_per_token: float = 0.0
   # More eval metrics, e.g. task scores: (params, step) -> {name: number}.
   extra_eval: Any = None
+  # Called after each evaluation during training, (step, evals) -> True to
+  # stop there with a checkpoint (a sweep's pruner). With several processes
+  # it must answer the same on each.
+  on_eval: Callable[[int, dict], bool] | None = None
+
+  def asks_to_stop(self, step: int, evals: dict) -> bool:
+    """Whether ``on_eval`` asks to stop after the evaluation at ``step``."""
+    return bool(self.on_eval is not None and self.on_eval(step, evals))
 
   def _non_finite(self, step: int, m: dict) -> None:
     """Applies train.nan_policy to a step whose update was not applied."""
@@ -163,8 +177,7 @@ class LoopIO:
   def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
     evals = trainer.evaluate(params, batches)
     if self.val_bytes_per_token and trainer.model_cfg.causal:
-      # Nats per token over bytes per token, in bits: vocabulary-independent.
-      evals['val_bpb'] = evals['val_loss'] / self.val_bytes_per_token / np.log(2)
+      evals['val_bpb'] = bits_per_byte(evals['val_loss'], self.val_bytes_per_token)
     if self.extra_eval is not None:
       evals.update(self.extra_eval(params, step))
     self.val_history[step] = evals['val_loss']
@@ -198,13 +211,15 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
              meta_fn) -> tuple[TrainState, dict]:
   """Steps from ``start`` to ``train.steps`` (or ``train.stop_at``, or a signal).
 
-  Returns the state and the final metrics.
+  Returns the state and the final metrics; ``stopped_on_eval`` says that
+  ``io.on_eval`` stopped the run before ``train.steps``.
 
   Step N is dispatched before step N-1's metrics are fetched, so the host never
   waits for the device except to read numbers that are already done.
   """
   cfg = trainer.config.train
   pending, evals, stop_signal, stopped_early = None, {}, None, False
+  asked = False  # io.on_eval asked to stop.
   if start == 0:
     io.evaluate(trainer, state.params, eval_batches, 0)
   t_start = time.perf_counter()
@@ -224,8 +239,9 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
         io.report(*pending)
         pending = None
         evals = io.evaluate(trainer, state.params, eval_batches, done)
+        asked = not is_last and io.asks_to_stop(done, evals)
       stop_now = _agree_to_stop(stop.received is not None, done, cfg.log_every)
-      stop_here = cfg.stop_at and done >= cfg.stop_at and not is_last
+      stop_here = asked or (cfg.stop_at and done >= cfg.stop_at and not is_last)
       if is_last or ckpt.should_save(done) or stop_now or stop_here:
         # A save needs the state this step is still computing: waiting for it
         # is the step's own time, counted apart from what the save adds.
@@ -249,6 +265,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
             'train_seconds': time.perf_counter() - t_start,
             'val_history': io.val_history, 'loss_history': io.loss_history,
             'stopped_by_signal': stop_signal, 'stopped_early': stopped_early,
+            'stopped_on_eval': asked,
             'nan_skipped': io.nan_skipped, 'first_step_seconds': io.first_step_s,
             'save_block_seconds': io.save_block_s, 'save_wait_seconds': io.save_wait_s}
   return state, result
