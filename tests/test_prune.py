@@ -185,22 +185,43 @@ def test_pruning_a_run_that_does_not_exist(tmp_path, capsys):
 # ---- Structured: a smaller model.
 
 
-def test_removing_dead_units_leaves_the_function_unchanged(random_run):
-  """Units whose down rows are zero score 0, go first, and change nothing."""
+def _dead(run, params, what):
+  """Zeroes the down rows of a quarter of the MLP units, or o[n] of one head per
+  KV group, in every block; returns (kept indices [L, .], cut, config changes)."""
+  cfg, rng = run.model_cfg, np.random.default_rng(1)
+  keep = []
+  for layer in sorted(params['blocks']):
+    mlp, attn = params['blocks'][layer]['mlp'], params['blocks'][layer]['attn']
+    if what == 'mlp_units':
+      dead = rng.choice(cfg.mlp_dim, cfg.mlp_dim // 4, replace=False)
+      mlp['down']['kernel'][dead] = 0.0
+      keep.append(np.setdiff1d(np.arange(cfg.mlp_dim), dead))
+    else:
+      group = cfg.num_heads // cfg.num_kv_heads
+      dead = rng.integers(0, group, cfg.num_kv_heads) + group * np.arange(cfg.num_kv_heads)
+      attn['o']['kernel'][dead] = 0.0
+      keep.append(np.setdiff1d(np.arange(cfg.num_heads), dead))
+  if what == 'mlp_units':
+    return (np.stack(keep), 'mlp/down', {('mlp', 'gate'): 1, ('mlp', 'up'): 1,
+                                         ('mlp', 'down'): 0},
+            {'mlp_dim': cfg.mlp_dim - cfg.mlp_dim // 4})
+  return np.stack(keep), 'attn/o', {('attn', 'q'): 1, ('attn', 'o'): 0}, {
+      'num_heads': cfg.num_heads - cfg.num_kv_heads}
+
+
+@pytest.mark.parametrize('what', ['mlp_units', 'heads'])
+def test_removing_dead_units_or_heads_leaves_the_function_unchanged(random_run, what):
+  """Units (heads) whose output weights are zero score 0, go first, change nothing."""
   run = workdir_lib.load(random_run[0])
   params = jax.tree.map(np.array, run.params)
-  F = run.model_cfg.mlp_dim
-  dead = {layer: np.random.default_rng(layer).choice(F, F // 4, replace=False)
-          for layer in params['blocks']}
-  for layer, idx in dead.items():
-    params['blocks'][layer]['mlp']['down']['kernel'][idx] = 0.0
+  keep, layer, cut, changes = _dead(run, params, what)
   tokens = np.random.default_rng(0).integers(0, run.model_cfg.vocab_size, (2, 16))
-  scores = structured.unit_importance(run, params, [{'inputs': tokens}])
-  for layer, idx in dead.items():
-    assert (scores[layer][idx] == 0).all() and (np.delete(scores[layer], idx) > 0).all()
-  keep = np.stack([np.setdiff1d(np.arange(F), dead[layer]) for layer in sorted(dead)])
-  smaller = structured._slice_units(params, keep)  # pylint: disable=protected-access
-  small_cfg = dataclasses.replace(run.model_cfg, mlp_dim=F - F // 4)
+  scores = structured.input_importance(run, params, [{'inputs': tokens}], layer)
+  scores = scores if scores.ndim == 2 else scores.sum(axis=2)  # Heads: sum head_dim.
+  for layer_scores, kept in zip(scores, keep):
+    assert (np.delete(layer_scores, kept) == 0).all() and (layer_scores[kept] > 0).all()
+  smaller = structured._slice(params, keep, cut)  # pylint: disable=protected-access
+  small_cfg = dataclasses.replace(run.model_cfg, **changes)
   graphdef = nnx.split(Transformer(small_cfg, rngs=nnx.Rngs(0)))[0]
   forward = jax.jit(lambda p, t, g: nnx.merge(g, p)(t), static_argnums=2)
   want = forward(params, jnp.asarray(tokens), run.graphdef)
@@ -218,6 +239,19 @@ def test_mlp_units_writes_a_smaller_ordinary_run(random_run, tmp_path, capsys):
   assert run.params['blocks'][1]['mlp']['down']['kernel'].shape == (144, 64)
   assert sparsity.count(run.params)['params'] == run.model_cfg.num_params()
   assert not os.path.exists(os.path.join(out, prune.MASK_FILE))
+
+
+def test_heads_removes_as_many_from_each_kv_group(random_run, tmp_path, capsys):
+  run_dir, _ = random_run
+  out = str(tmp_path / 'heads')
+  code, err = _cli([f'--workdir={run_dir}', f'--out={out}', '--pattern=heads',
+                    '--sparsity=0.25', '--calibration_batches=1'], capsys)
+  assert code == 2 and 'removes 0 of 2. Use a multiple of 1/2 below 1' in err, err
+  assert _cli([f'--workdir={run_dir}', f'--out={out}', '--pattern=heads',
+               '--sparsity=0.5', '--calibration_batches=1'], capsys)[0] == 0
+  run = workdir_lib.load(out)
+  assert run.model_cfg.num_heads == 2 and run.model_cfg.num_kv_heads == 2
+  assert run.params['blocks'][0]['attn']['o']['kernel'].shape == (2, 16, 64)
 
 
 # ---- Recovery fine-tuning through the ordinary trainer.

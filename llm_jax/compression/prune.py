@@ -19,8 +19,8 @@ The result is an ordinary run directory (``runs.workdir.write``): the pruned
 weights are stored as exact zeros, the keep masks beside them in
 ``prune_mask.safetensors`` (1 = kept), and its config sets
 ``prune.keep_zeros``, so fine-tuning from it (``configs/continued.py:OUT``)
-keeps the zeros (``training/sparsity.py``). Removing whole MLP units, which
-makes the model smaller, is ``compression/structured.py``.
+keeps the zeros (``training/sparsity.py``). Removing whole MLP units or
+attention heads, which makes the model smaller, is ``compression/structured.py``.
 """
 
 import fnmatch
@@ -184,8 +184,8 @@ def make_masks(kernels: dict, share: float | None, pattern: str,
                       f'--sparsity out or set it to {implied:g}.')
     return n_m_masks(kernels, *n_m), implied
   if pattern not in ('unstructured', 'rows'):
-    raise UserError(f'--pattern={pattern!r} is not one of {", ".join(MASK_PATTERNS)} '
-                    'or mlp_units (python -m llm_jax.prune --help).')
+    raise UserError(f'--pattern={pattern!r} is not one of {", ".join(MASK_PATTERNS)}, '
+                    'mlp_units or heads (python -m llm_jax.prune --help).')
   check_sparsity(share, pattern)
   if pattern == 'rows':
     return row_masks(kernels, share), share

@@ -1,16 +1,20 @@
-"""Structured pruning that shrinks the model: whole MLP hidden units removed.
+"""Structured pruning that shrinks the model: whole MLP units or attention heads removed.
 
 A unit ``j`` of a block's MLP is one column of its gate and up kernels and
-one row of its down kernel. Removing it is exact arithmetic on a smaller
-model, so the result is an ordinary run with a smaller ``model.mlp_dim``:
+one row of its down kernel; a query head ``n`` is ``q[:, n]`` and ``o[n]``.
+Removing either is exact arithmetic on a smaller model, so the result is an
+ordinary run with a smaller ``model.mlp_dim`` (or ``model.num_heads``):
 training, export, the Go client and the benchmarks all see a genuinely
-smaller (and faster) model, with no masks and nothing to keep at zero.
+smaller model, with no masks and nothing to keep at zero.
 
-Importance: the unit's expected squared contribution to the block's output,
-``E[h_j^2] * ||down_j||^2``, where ``h_j`` is its activation (what the down
-projection receives) measured on ``calibration_batches`` batches of the run's
-*training* windows (the validation split stays unseen). Every block keeps the
-same number of units (``mlp_dim`` is one number), its most important ones,
+Importance: what the unit (head) adds to the block's output, measured on
+``calibration`` batches of the run's *training* windows (the validation split
+stays unseen). For an input ``x_i`` of the down (attention output)
+projection, ``E[x_i^2] * ||W_i||^2`` (``W_i`` the kernel row it multiplies)
+is the expected squared size of its contribution; a unit is one input, a head
+the sum over its ``head_dim`` inputs. Every block keeps the same number of
+units (``mlp_dim`` is one number) or heads per key/value group (grouped-query
+attention needs ``num_heads / num_kv_heads`` whole), its most important ones,
 in their original order.
 """
 
@@ -29,23 +33,24 @@ from llm_jax.training import sparsity
 
 
 class _Energy(nnx.Variable):
-  """Summed squares of each hidden unit's activation (not a parameter)."""
+  """Summed squares of each input of a dense layer (not a parameter)."""
 
 
-class _MeteredDown(model_lib.Dense):
-  """An MLP's down projection that also sums the square of each input unit."""
+class _Metered(model_lib.Dense):
+  """A dense layer that also sums the square of each of its inputs."""
 
   def __init__(self, base: model_lib.Dense):  # pylint: disable=super-init-not-called
     # Not Dense.__init__: the base's own kernel and bias are kept (as LoraDense does).
     self.kernel, self.bias = base.kernel, base.bias
     self.num_in_axes, self.dtype, self.out_dtype = (
         base.num_in_axes, base.dtype, base.out_dtype)
-    self.energy = _Energy(jnp.zeros(base.kernel.shape[0], jnp.float32))
+    self.in_shape = tuple(base.kernel.shape[:base.num_in_axes])
+    self.energy = _Energy(jnp.zeros(self.in_shape, jnp.float32))
 
-  def __call__(self, h_BTF):
-    h_MF = h_BTF.astype(jnp.float32).reshape(-1, h_BTF.shape[-1])
-    self.energy[...] = self.energy[...] + jnp.sum(jnp.square(h_MF), axis=0)
-    return super().__call__(h_BTF)
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32).reshape((-1,) + self.in_shape)
+    self.energy[...] = self.energy[...] + jnp.sum(jnp.square(x32), axis=0)
+    return super().__call__(x)
 
 
 def calibration_batches(run, num_batches: int) -> list[dict]:
@@ -57,35 +62,64 @@ def calibration_batches(run, num_batches: int) -> list[dict]:
                                num_batches=num_batches)
 
 
-def unit_importance(run, params, batches) -> np.ndarray:
-  """``[layers, mlp_dim]``: each unit's ``E[h_j^2] * ||down_j||^2`` on ``batches``."""
+def input_importance(run, params, batches, layer: str) -> np.ndarray:
+  """``E[x_i^2] * ||W_i||^2`` for each input ``i`` of ``layer`` in every block.
+
+  Args:
+    layer: 'mlp/down' (inputs: MLP units, result ``[layers, F]``) or
+      'attn/o' (inputs: heads x head_dim, result ``[layers, N, H]``).
+  """
+  parent, name = layer.split('/')
   model = nnx.merge(run.graphdef, params)
   for block in model.blocks:
-    block.mlp.down = _MeteredDown(block.mlp.down)
+    setattr(getattr(block, parent), name, _Metered(getattr(getattr(block, parent), name)))
   forward = nnx.jit(lambda m, tokens: m(tokens))
   for batch in batches:
     forward(model, jnp.asarray(batch['inputs']))
   scores = []
   for block in model.blocks:
-    energy = np.asarray(block.mlp.down.energy[...])
-    down_FD = np.asarray(block.mlp.down.kernel[...])
-    scores.append(energy * np.sum(np.square(down_FD), axis=1))
+    dense = getattr(getattr(block, parent), name)
+    kernel = np.asarray(dense.kernel[...])
+    out_axes = tuple(range(dense.num_in_axes, kernel.ndim))
+    scores.append(np.asarray(dense.energy[...]) * np.sum(np.square(kernel), axis=out_axes))
   return np.stack(scores)
 
 
-def _slice_units(params: dict, keep_LF: np.ndarray) -> dict:
-  """The parameters of the model that has only units ``keep_LF[layer]``."""
+def _slice(params: dict, keep: np.ndarray, cut: dict) -> dict:
+  """Keeps indices ``keep[layer]`` along the axis ``cut[(module, dense)]`` names.
+
+  ``cut`` maps e.g. ``('mlp', 'up')`` to the kernel axis that is cut; a bias
+  is cut along the same output axis (counted from its kernel's inputs).
+  """
   blocks = {}
   for layer, block in params['blocks'].items():
-    idx = keep_LF[int(layer)]
-    mlp = {}
-    for name, dense in block['mlp'].items():
-      out = {'kernel': dense['kernel'][idx] if name == 'down' else dense['kernel'][:, idx]}
-      if 'bias' in dense:  # gate/up biases are [F]; down's is [D] and stays.
-        out['bias'] = dense['bias'] if name == 'down' else dense['bias'][idx]
-      mlp[name] = out
-    blocks[layer] = {**block, 'mlp': mlp}
+    idx, block = keep[int(layer)], dict(block)
+    for (module, name), axis in cut.items():
+      dense = dict(block[module][name])
+      dense['kernel'] = np.take(dense['kernel'], idx, axis=axis)
+      num_in = dense['kernel'].ndim - (dense['bias'].ndim if 'bias' in dense else 0)
+      if 'bias' in dense and axis >= num_in:  # An output axis: the bias has it too.
+        dense['bias'] = np.take(dense['bias'], idx, axis=axis - num_in)
+      block[module] = {**block[module], name: dense}
+    blocks[layer] = block
   return {**params, 'blocks': blocks}
+
+
+def _check(share, calibration: int, out: str, pattern: str) -> None:
+  prune_lib.check_sparsity(share, pattern)
+  if calibration < 1:
+    raise UserError(f'--calibration_batches={calibration}: {pattern} ranks by activations '
+                    'on at least 1 batch of training windows.')
+  if os.path.exists(out) and os.listdir(out):
+    raise UserError(f'--out={out} already exists and is not empty; choose a new '
+                    'directory for the pruned run.')
+
+
+def _write(run, out: str, params, changes: dict, summary: dict) -> dict:
+  config = prune_lib.derived_config(run, out, **changes)
+  path = prune_lib.write_run(run, out, config, params,
+                             dict(pruned_from=run.workdir, step=run.step, **summary))
+  return {'out': path, **summary, **sparsity.count(params)}
 
 
 def remove_mlp_units(workdir: str, out: str, *, share: float | None,
@@ -100,13 +134,7 @@ def remove_mlp_units(workdir: str, out: str, *, share: float | None,
     UserError: ``share`` outside [0, 1) or removing no unit, ``out`` in use,
       ``calibration`` < 1, or not a run.
   """
-  prune_lib.check_sparsity(share, 'mlp_units')
-  if calibration < 1:
-    raise UserError(f'--calibration_batches={calibration}: mlp_units ranks units by '
-                    'their activations on at least 1 batch of training windows.')
-  if os.path.exists(out) and os.listdir(out):
-    raise UserError(f'--out={out} already exists and is not empty; choose a new '
-                    'directory for the pruned run.')
+  _check(share, calibration, out, 'mlp_units')
   run = workdir_lib.load(workdir, step)
   before = run.model_cfg.mlp_dim
   keep = before - round(share * before)
@@ -114,13 +142,53 @@ def remove_mlp_units(workdir: str, out: str, *, share: float | None,
     raise UserError(f'--sparsity={share} removes no unit of mlp_dim={before}; use at '
                     f'least {1 / before:.4f} (one unit).')
   params = prune_lib.plain_params(run)
-  scores_LF = unit_importance(run, params, calibration_batches(run, calibration))
+  scores_LF = input_importance(run, params, calibration_batches(run, calibration),
+                               'mlp/down')
   # The `keep` most important units of each layer, in their original order.
   keep_LF = np.sort(np.argsort(-scores_LF, axis=1, kind='stable')[:, :keep], axis=1)
-  smaller = _slice_units(params, keep_LF)
-  config = prune_lib.derived_config(run, out, mlp_dim=keep)
-  summary = {'pattern': 'mlp_units', 'mlp_dim_before': before, 'mlp_dim': keep,
-             'removed': share, 'calibration_batches': calibration}
-  path = prune_lib.write_run(run, out, config, smaller,
-                             dict(pruned_from=run.workdir, step=run.step, **summary))
-  return {'out': path, **summary, **sparsity.count(smaller)}
+  cut = {('mlp', 'up'): 1, ('mlp', 'down'): 0}
+  if run.model_cfg.mlp == 'swiglu':
+    cut[('mlp', 'gate')] = 1
+  return _write(run, out, _slice(params, keep_LF, cut), {'mlp_dim': keep},
+                {'pattern': 'mlp_units', 'mlp_dim_before': before, 'mlp_dim': keep,
+                 'removed': share, 'calibration_batches': calibration})
+
+
+def remove_heads(workdir: str, out: str, *, share: float | None,
+                 calibration: int = 8, step: int | None = None) -> dict:
+  """Removes ``share`` of every block's query heads, the same number per KV group.
+
+  Returns:
+    ``{'out', 'pattern', 'num_heads_before', 'num_heads', 'removed'}`` and
+    the ``sparsity.count`` of the smaller model.
+
+  Raises:
+    UserError: as ``remove_mlp_units``, or a share that is not a whole number
+      of heads in each key/value group.
+  """
+  _check(share, calibration, out, 'heads')
+  run = workdir_lib.load(workdir, step)
+  cfg = run.model_cfg
+  group = cfg.num_heads // cfg.num_kv_heads
+  drop = round(share * group)
+  if not 0 < drop < group:
+    raise UserError(
+        f'--pattern=heads removes whole query heads from each of the {cfg.num_kv_heads} '
+        f'key/value groups of {group} (num_heads={cfg.num_heads}); --sparsity={share} '
+        f'removes {drop} of {group}. Use a multiple of 1/{group} below 1'
+        + (', or prune another way: one head per group cannot lose any.' if group == 1
+           else '.'))
+  params = prune_lib.plain_params(run)
+  scores_LNH = input_importance(run, params, calibration_batches(run, calibration),
+                                'attn/o')
+  # Query head n reads key/value head n // group: rank heads within each group.
+  scores_LKG = scores_LNH.sum(axis=2).reshape(len(scores_LNH), cfg.num_kv_heads, group)
+  best_LKg = np.sort(np.argsort(-scores_LKG, axis=2, kind='stable')[:, :, :group - drop],
+                     axis=2)
+  keep_LN = (best_LKg + group * np.arange(cfg.num_kv_heads)[None, :, None]).reshape(
+      len(scores_LNH), -1)
+  heads = cfg.num_kv_heads * (group - drop)
+  return _write(run, out, _slice(params, keep_LN, {('attn', 'q'): 1, ('attn', 'o'): 0}),
+                {'num_heads': heads},
+                {'pattern': 'heads', 'num_heads_before': cfg.num_heads, 'num_heads': heads,
+                 'removed': drop / group, 'calibration_batches': calibration})
