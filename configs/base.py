@@ -124,6 +124,15 @@ def get_config() -> ml_collections.ConfigDict:
   # (Pallas splash attention, TPUs) or 'auto' (the best the platform has).
   c.model.attention = 'xla'
 
+  # ---- Pruning (python -m llm_jax.prune; docs/compression.md).
+  c.prune = ml_collections.ConfigDict()
+  # Recovery fine-tuning of a pruned run: block kernel weights that are
+  # exactly zero at the start (init_from a pruned run) get no gradient and no
+  # update, so they stay exactly zero. The keep masks live in the optimizer
+  # state: checkpoints carry them and a resume needs nothing else. A pruned
+  # run's config.json sets it, and configs/continued.py copies it from there.
+  c.prune.keep_zeros = False
+
   # ---- Optimizer: AdamW, linear warmup then cosine decay.
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 5e-3  # Peak learning rate.

@@ -9,7 +9,9 @@ Tasks (``--tasks=FILE.jsonl``): ``{"prompt", "reference"}`` lines are
 generated greedily and scored with BLEU and ROUGE-1/2/L F1; ``{"prompt",
 "answer"}`` lines by exact match of the first generated line.
 
-Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``.
+Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``,
+with the run's size: parameters (all, and non-zero), the sparsity of its block
+kernels (after ``python -m llm_jax.prune``) and bytes stored dense and sparse.
 
 Plots: ``python -m llm_jax.evaluate --plot --workdir=RUN [--workdir=RUN2]
 --out=curves.png`` draws loss and learning-rate curves from ``<workdir>/tb``.
@@ -83,7 +85,7 @@ def _main() -> dict:
     raise UserError('Give one --workdir to evaluate (several only with --plot).')
   name = _result_name()
   run = workdir_lib.load(FLAGS.workdir[0], FLAGS.step)
-  results = {'workdir': run.workdir, 'step': run.step}
+  results = {'workdir': run.workdir, 'step': run.step, **lm.model_size(run)}
   if FLAGS.tasks:
     results.update(tasks=FLAGS.tasks, **tasks.score_tasks(
         run, tasks.read_tasks(FLAGS.tasks), max_new_tokens=FLAGS.max_new_tokens))

@@ -201,6 +201,38 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
   np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
 
 
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_int4_export_is_smaller_and_answers_like_its_jax_twin(exported, tmp_path):
+  run, out = exported
+  q_out = str(tmp_path / 'int4')
+  info = export.export(run.workdir, q_out, quantize='int4', group_size=32,
+                       max_new_tokens=WIDTH, platforms=('cpu',), batch_buckets=(1,),
+                       eval_batches=2, log=lambda *_: None)
+  # 4 bits a weight plus a float32 scale per 32 (norms stay float32).
+  assert info['param_bytes'] < 0.2 * info['param_bytes_float32']
+  assert info['int4_group_size'] == 32
+  formats = info['formats']
+  assert (formats['int4']['param_bytes'] == info['param_bytes'] <
+          formats['int8']['param_bytes'] < formats['float32']['param_bytes'])
+  ppl = info['perplexity']
+  assert abs(ppl['int4'] / ppl['float32'] - 1) < 0.1, ppl
+  # The in-graph unpacking gives the tokens of the dequantised JAX params.
+  specs, arrays, treedef = quantize.flatten_params(run.params, 'int4', 32)
+  deq = quantize.unflatten_params(specs, arrays, treedef)
+  prompts = [run.tokenizer.encode(p) or [run.tokenizer.eos_id] for p in PROMPTS[:3]]
+  tokens, lengths = decode.left_pad(prompts, 16, 0)
+  want = decode.decode_jit(deq, tokens, lengths, 10, 0.0, 0, 1.0, 0,
+                           graphdef=run.graphdef, width=WIDTH,
+                           stop_ids=decode.stop_ids(run), pad_id=decode.pad_id_of(run))
+  loaded = tf.saved_model.load(q_out)
+  got = loaded.signatures['serving_default'](
+      tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+      **{k: tf.constant(v) for k, v in _scalars(max_new=10).items()})
+  np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
+  np.testing.assert_array_equal(got['counts'].numpy(), np.asarray(want[1]))
+  assert any(v.dtype == tf.uint8 for v in loaded.params)  # Packed nibbles.
+
+
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'config.json').write_text('{}')

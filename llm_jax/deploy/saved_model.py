@@ -1,6 +1,6 @@
 r"""The SavedModel export's library (the command is ``python -m llm_jax.export``).
 
-    python -m llm_jax.export --workdir=runs/tiny --out=runs/tiny/export/1 [--quantize=int8]
+    python -m llm_jax.export --workdir=runs/tiny --out=runs/tiny/export/1 [--quantize=int8|int4]
 
 The whole generation loop (``decode.decode_tokens``: prefill plus KV-cache
 steps in one ``lax.while_loop``) is converted with jax2tf's native
@@ -30,7 +30,9 @@ or lengths and tokens that disagree on the batch.
 ``assets.extra/tf_serving_warmup_requests`` holds TF Serving warm-up requests
 (PredictionLog TFRecords) for every (batch, prompt) bucket: each new shape
 compiles once inside ``XlaCallModule``. ``assets.extra/llm_jax_export.json``
-records the export (signatures, buckets, sizes, the int8 perplexity check).
+records the export (signatures, buckets, sizes; for a quantized export the
+parameter bytes and validation perplexity of float32, int8 and int4 side by
+side, ``formats``).
 
 The export is written to a temporary directory beside ``--out`` and renamed
 into place: a failed export leaves nothing that looks complete.
@@ -187,6 +189,7 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
 
 
 def export(workdir: str, out: str, *, step: int | None = None, quantize: str = 'none',
+           group_size: int = quantize_lib.DEFAULT_GROUP,
            max_new_tokens: int = 128, batch_buckets: Sequence[int] = (1, 4, 8),
            prompt_buckets: Sequence[int] | None = None,
            platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
@@ -222,7 +225,7 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   width = max(1, min(max_new_tokens, cfg.max_len - 1))
   prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
   t0 = time.time()
-  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
+  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize, group_size)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
                     if run.tokenizer is not None and text_signature else None)
   stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
@@ -234,6 +237,7 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
     tf.saved_model.save(module, tmp, signatures=signatures)
     info = {
         'workdir': run.workdir, 'step': run.step, 'quantize': quantize,
+        **({'int4_group_size': group_size} if quantize == 'int4' else {}),
         'max_new_tokens': width, 'max_len': cfg.max_len,
         'vocab_size': cfg.vocab_size, 'platforms': list(platforms),
         'stop_ids': list(stop_ids), 'batch_buckets': list(batch_buckets),
@@ -252,21 +256,25 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
                  ((sig, inputs) for sig, inputs in warmup.warmup_requests(
                      batch_buckets, prompt_buckets, cfg.max_len, fill)
                   if sig != TEXT_SIGNATURE or tokenizer_path is not None))
-    if quantize == 'int8' and eval_batches > 0:
-      info['perplexity'] = quantize_lib.int8_perplexity(run, specs, arrays, treedef,
-                                                        eval_batches)
+    if quantize != 'none' and eval_batches > 0:
+      formats = quantize_lib.compare_formats(run, eval_batches, group_size)
+      info['formats'] = formats
+      info['perplexity'] = {**{k: formats[k]['perplexity']
+                               for k in ('float32', 'int8', 'int4')},
+                            'tokens': formats['tokens']}
     info['saved_model_bytes'] = dir_bytes(tmp)
     info['export_seconds'] = round(time.time() - t0, 1)
     files.atomic_write_json(os.path.join(extra, INFO_FILE), info)
   log(f'Exported step {run.step} of {run.workdir} to {out} '
       f'({info["saved_model_bytes"] / 2**20:.2f} MiB, {quantize}) in '
       f'{info["export_seconds"]:.0f}s.')
-  if 'perplexity' in info:
-    p = info['perplexity']
-    log(f'int8: parameters {info["param_bytes"] / 2**20:.2f} MiB against '
-        f'{info["param_bytes_float32"] / 2**20:.2f} MiB float32; validation '
-        f'perplexity {p["float32"]:.3f} -> {p["int8"]:.3f} '
-        f'({100 * (p["int8"] / p["float32"] - 1):+.3f}%).')
+  if 'formats' in info:
+    f = info['formats']
+    for name in ('float32', 'int8', 'int4'):
+      log(f'{name:8s} parameters {f[name]["param_bytes"] / 2**20:7.3f} MiB; validation '
+          f'perplexity {f[name]["perplexity"]:.3f} '
+          f'({100 * (f[name]["perplexity"] / f["float32"]["perplexity"] - 1):+.3f}%)'
+          + (' <- this export' if name == quantize else ''))
   return info
 
 

@@ -4,7 +4,8 @@
 another run's (or an imported) checkpoint, with this run's own optimizer
 state, schedule and data. The parameter shapes must match; LoRA adapters
 (``llm_jax/model/lora.py``) keep their own fresh init. ``config_from`` makes
-the config of a run that continues another (``configs/continued.py``).
+the config of a run that continues another (``configs/continued.py``),
+holding a pruned source's zeros at zero (``prune.keep_zeros``).
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from llm_jax.core.errors import UserError
 from llm_jax.model import lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.runs import workdir as workdir_lib
-from llm_jax.training import metrics
+from llm_jax.training import metrics, sparsity
 from llm_jax.training.checkpoint import flatten_params, unflatten_like
 
 # Model keys that change how the model computes, never its function or shapes.
@@ -121,7 +122,15 @@ def init_state(trainer, init_from: str):
             for path, spec in target.items()}
   metrics.say(f'Initialised from {workdir} (step {run.step}); optimizer state, '
               'schedule and data are this run\'s own.')
-  return state.replace(params=unflatten_like(merged, abstract))
+  params = unflatten_like(merged, abstract)
+  # The optimizer state of the weights the run starts from: with
+  # prune.keep_zeros it records which of them are zero (training/sparsity.py).
+  opt_state = jax.jit(trainer.tx.init,
+                      out_shardings=trainer.state_shardings.opt_state)(params)
+  if trainer.config.prune.keep_zeros:
+    metrics.say(f'prune.keep_zeros: {sparsity.count(params)["prunable_zeros"]:,} '
+                'zero kernel weights stay zero.')
+  return state.replace(params=params, opt_state=opt_state)
 
 
 def config_from(init_from: str, base=None):
@@ -139,6 +148,9 @@ def config_from(init_from: str, base=None):
   for key in config.model.keys():
     if key in source.model:
       config.model[key] = source.model[key]
+  # A pruned source keeps its zeros (python -m llm_jax.prune sets this).
+  if 'prune' in source:
+    config.prune.keep_zeros = bool(source.prune.keep_zeros)
   if source.model.position == 'learned' or source.data.seq_len < config.data.seq_len:
     config.data.seq_len = source.data.seq_len
   config.init_from = init_from

@@ -25,7 +25,7 @@ from llm_jax.core import files
 from llm_jax.core.errors import UserError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import optim, sharding, steps, trainer
+from llm_jax.training import sharding, steps, trainer
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -147,16 +147,18 @@ def require_tokenizer(run):
 
 def write(workdir: str, config, params: dict, *, vocab_size: int,
           tokenizer_bytes: bytes | None, source: dict, step: int = 0,
-          protect: tuple[str, ...] = ()) -> str:
+          protect: tuple[str, ...] = (),
+          extra_files: dict[str, bytes] | None = None) -> str:
   """Writes a new run directory: config.json, tokenizer.model, checkpoints/<step>.
 
   The directory appears whole or not at all (``files.atomic_dir``); an existing
   non-empty ``workdir`` is refused, and so is one that is, holds or lies
-  inside a directory of ``protect`` (the run or HF directory it comes
-  from). The checkpoint is a whole ``TrainState``
-  (fresh optimizer state) with the metadata ``trainer.checkpoint_meta``
-  writes; an import has no training data, so its data hash is None
-  (``checkpoint.check_compatible`` then skips it).
+  inside a directory of ``protect`` (the run or HF directory it comes from).
+  The checkpoint is a whole ``TrainState`` (fresh optimizer state,
+  ``trainer.make_tx``'s) with the metadata ``trainer.checkpoint_meta`` writes;
+  an import has no training data, so its data hash is None
+  (``checkpoint.check_compatible`` then skips it). ``extra_files`` (name ->
+  bytes) are written into the directory too (a pruned run's masks).
   """
   workdir = os.path.abspath(workdir)
   with files.atomic_dir(workdir, protect=protect, what='run directory') as tmp:
@@ -165,7 +167,9 @@ def write(workdir: str, config, params: dict, *, vocab_size: int,
       # Where the tokenizer will be once the directory is renamed into place.
       config.tokenizer.path = os.path.join(workdir, TOKENIZER_FILE)
     files.atomic_write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    for name, data in (extra_files or {}).items():
+      files.atomic_write(os.path.join(tmp, name), data)
+    tx = trainer.make_tx(config)
     params = jax.device_put(params, jax.devices()[0])
     state = steps.TrainState(
         step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),

@@ -24,7 +24,7 @@ from llm_jax.inference import decode
 from llm_jax.model import lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.model.transformer import ModelConfig, Transformer
-from llm_jax.training import optim, sharding
+from llm_jax.training import optim, sharding, sparsity
 from llm_jax.training.steps import TrainState, eval_step, train_step
 
 
@@ -49,9 +49,7 @@ class Trainer:
         config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
     _check_train_config(config, mesh)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
-    if lora.enabled(config):  # Only the adapters are trained (and have state).
-      tx = lora.optimizer(tx)
+    tx = make_tx(config)
     rules = config.mesh.rules
 
     def init_fn():
@@ -123,6 +121,17 @@ class Trainer:
     return out
 
 
+def make_tx(config) -> optax.GradientTransformation:
+  """The run's optimizer: ``config.optim``'s, on adapters only with LoRA,
+  holding pruned weights at zero with ``prune.keep_zeros``."""
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  if lora.enabled(config):  # Only the adapters are trained (and have state).
+    tx = lora.optimizer(tx)
+  if config.prune.keep_zeros:
+    tx = sparsity.keep_zeros(tx)
+  return tx
+
+
 def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
   """The Transformer, with LoRA adapters where ``config.lora`` asks for them."""
   model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
@@ -131,6 +140,10 @@ def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
 
 def _check_train_config(config, mesh) -> None:
   """Refuses train settings that cannot work, before anything is compiled."""
+  if config.prune.keep_zeros and lora.enabled(config):
+    raise UserError('prune.keep_zeros and LoRA (lora.rank > 0) do not go together: '
+                    'LoRA leaves the pruned kernels frozen anyway, and merging its '
+                    'adapters would fill them in. Turn one off.')
   if config.train.nan_policy not in ('halt', 'skip'):
     raise UserError(f"train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
   batch, accum = config.train.batch_size, config.optim.grad_accum_steps
