@@ -8,6 +8,7 @@ the others train configs/tiny.py for a few steps per trial.
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -303,7 +304,8 @@ def two_workers(args, n):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  ran = [{int(l.split()[2]) for l in out.splitlines() if l.startswith('[')} for out in outs]
+  ran = [{int(n) for n in re.findall(r'^\[\d+/\d+\] trial (\d+) ', out, re.M)}
+         for out in outs]
   assert not ran[0] & ran[1], outs  # No trial finished by both.
   assert len(ran[0] | ran[1]) == n, outs
   return outs

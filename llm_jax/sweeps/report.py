@@ -138,10 +138,13 @@ def _draw_all(study: optuna.Study, study_dir: str) -> dict[str, str]:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from optuna.visualization import matplotlib as vis  # pylint: disable=g-import-not-at-top
   out = {}
+  curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
   for name, draw in (('history', vis.plot_optimization_history),
-                     ('learning curves', vis.plot_intermediate_values),
+                     ('learning curves', vis.plot_intermediate_values if curves else None),
                      ('slice', vis.plot_slice),
                      ('importance', vis.plot_param_importances)):
+    if draw is None:  # No evaluations during training: no curves to draw.
+      continue
     try:
       axes = draw(study)
     except (ValueError, RuntimeError, ZeroDivisionError):
