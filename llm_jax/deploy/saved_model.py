@@ -21,6 +21,12 @@ Signatures (docs/serving.md documents them):
   and ``counts`` int32 [batch] as in ``serving_default``.
   SentencePiece runs inside the graph (tensorflow-text); the ``.model`` file
   is also in ``assets/tokenizer.model`` for clients that tokenize themselves.
+* ``prefill``, ``decode_step``, ``score``: generation one step at a time with
+  the KV cache passed in and out (``decode.prefill``, ``decode.decode_step``,
+  ``decode.score``), so a server streams tokens and batches requests that
+  started at different times; per-row sampling settings.
+* ``tokenize`` / ``detokenize`` (with the text signature): SentencePiece
+  alone, strings to padded ids and back.
 
 Requests the model cannot answer fail with InvalidArgument (graph asserts):
 a length outside ``1 .. min(prompt_len, max_len - 1)`` (the prompt must fit
@@ -128,17 +134,96 @@ def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
 
   module.serve = serve
   signatures = {'serving_default': serve}
+  module.steps = _step_functions(run, specs, treedef, module.params, platforms)
+  signatures.update(module.steps)
   if tokenizer_path is not None:
     module.tokenizer_model = tf.saved_model.Asset(tokenizer_path)
-    module.sp, module.text = _text_function(run, tokenizer_path, checked_generate,
-                                            scalar_specs, prompt_buckets, pad_id)
+    module.sp, module.text, module.tokens = _text_function(
+        run, tokenizer_path, checked_generate, scalar_specs, prompt_buckets, pad_id)
     signatures[TEXT_SIGNATURE] = module.text
+    signatures.update(module.tokens)
   return module, signatures
+
+
+ROW_SAMPLING = (('seed', 'int32'), ('index', 'int32'), ('temperature', 'float32'),
+                ('top_k', 'int32'), ('top_p', 'float32'))
+
+
+def cache_info(cfg) -> dict:
+  """The cache layout of ``decode_step``: [batch, layers, 2, slots, kv heads, head dim]."""
+  return {'layers': cfg.num_layers, 'kv_heads': cfg.num_kv_heads,
+          'head_dim': cfg.head_dim, 'slots': cfg.max_len,
+          'dtype': np.dtype(cfg.compute_dtype).name}
+
+
+def _step_functions(run, specs, treedef, variables, platforms) -> dict:
+  """The ``prefill``, ``decode_step`` and ``score`` signature functions."""
+  cfg, graphdef = run.model_cfg, run.graphdef
+  cache = cache_info(cfg)
+  cache_dtype = tf.as_dtype(cache['dtype'])
+  params = lambda flat: quantize_lib.unflatten_params(specs, flat, treedef)
+
+  def convert(fn, shapes):
+    return jax2tf.convert(fn, with_gradient=False, polymorphic_shapes=[None, *shapes],
+                          native_serialization_platforms=tuple(platforms))
+
+  rows = ['(b,)'] * len(ROW_SAMPLING)
+  cache_shape = '(b, {layers}, 2, {slots}, {kv_heads}, {head_dim})'.format(**cache)
+  prefill_tf = convert(lambda flat, *a: decode.prefill(params(flat), *a, graphdef=graphdef),
+                       ['(b, p)', '(b,)', *rows])
+  step_tf = convert(lambda flat, *a: decode.decode_step(params(flat), *a, graphdef=graphdef),
+                    [cache_shape, '(b,)', '(b,)', '(b,)', *rows])
+  score_tf = convert(lambda flat, t: decode.score(params(flat), t, graphdef=graphdef),
+                     ['(b, t)'])
+  row_specs = [tf.TensorSpec([None], getattr(tf, dt), name=n) for n, dt in ROW_SAMPLING]
+  ids = lambda name: tf.TensorSpec([None], tf.int32, name=name)
+  in_vocab = lambda t: [
+      tf.debugging.assert_greater_equal(t, 0, message='token id below 0'),
+      tf.debugging.assert_less(t, cfg.vocab_size, message=(
+          f'token id outside the vocabulary [0, {cfg.vocab_size})'))]
+
+  def checked(checks, t):
+    with tf.control_dependencies(checks):
+      return tf.identity(t)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, None], tf.int32, name='tokens'), ids('lengths'), *row_specs])
+  def prefill(tokens, lengths, *sampling):
+    tokens = checked(in_vocab(tokens) + [
+        tf.debugging.assert_greater_equal(lengths, 1, message='lengths must be >= 1'),
+        tf.debugging.assert_less_equal(lengths, tf.shape(tokens)[1], message=(
+            'a length exceeds the prompt width (tokens.shape[1])')),
+        tf.debugging.assert_less(lengths, cfg.max_len, message=(
+            f'prompt longer than the model context: lengths must be below '
+            f'max_len={cfg.max_len} (room for one new token)'))], tokens)
+    return prefill_tf(list(variables), tokens, lengths, *sampling)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, cache['layers'], 2, cache['slots'], cache['kv_heads'],
+                     cache['head_dim']], cache_dtype, name='cache'),
+      ids('tokens'), ids('positions'), ids('step'), *row_specs])
+  def decode_step(cache_in, tokens, positions, step, *sampling):
+    tokens = checked(in_vocab(tokens) + [
+        tf.debugging.assert_greater_equal(positions, 0, message='positions must be >= 0'),
+        tf.debugging.assert_less(positions, cfg.max_len, message=(
+            f'positions must be below max_len={cfg.max_len}'))], tokens)
+    return step_tf(list(variables), cache_in, tokens, positions, step, *sampling)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, None], tf.int32, name='tokens')])
+  def score(tokens):
+    tokens = checked(in_vocab(tokens) + [tf.debugging.assert_less_equal(
+        tf.shape(tokens)[1], cfg.max_len, message=(
+            f'more tokens than the model context max_len={cfg.max_len}'))], tokens)
+    return score_tf(list(variables), tokens)
+
+  return {'prefill': prefill, 'decode_step': decode_step, 'score': score}
 
 
 def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
                    prompt_buckets, pad_id):
-  """(tokenizer, the strings-in strings-out signature function)."""
+  """(tokenizer, the strings-in strings-out signature function, and the
+  tokenize / detokenize signature functions by name)."""
   tf_text = tfhost.import_text()
 
   with open(tokenizer_path, 'rb') as f:
@@ -146,6 +231,12 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
   tok = run.tokenizer
   sp_vocab, unk, eos = tok.vocab_size, tok.unk_id, tok.eos_id
   buckets = tf.constant(sorted(prompt_buckets), tf.int32)
+
+  def known_ids(ragged):
+    # Ids the model knows but the tokenizer does not (a padded or extended
+    # vocabulary) detokenize as unknown.
+    flat = ragged.flat_values
+    return ragged.with_flat_values(tf.where((flat >= 0) & (flat < sp_vocab), flat, unk))
 
   @tf.function(autograph=False,
                input_signature=[tf.TensorSpec([None], tf.string, name='text'),
@@ -174,15 +265,26 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
     dense = tf.pad(dense, [[0, 0], [width_p - longest, 0]], constant_values=pad_id)
     out, counts = checked_generate(dense, lengths, max_new_tokens, temperature,
                                    top_k, top_p, seed)
-    new = tf.RaggedTensor.from_tensor(out, lengths=counts)
-    # Ids the model knows but the tokenizer does not (a padded or extended
-    # vocabulary) detokenize as unknown.
-    known = (new.flat_values >= 0) & (new.flat_values < sp_vocab)
-    new = new.with_flat_values(tf.where(known, new.flat_values, unk))
+    new = known_ids(tf.RaggedTensor.from_tensor(out, lengths=counts))
     return {'text': sp.detokenize(new), 'tokens': out, 'counts': counts}
 
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None], tf.string, name='text')])
+  def tokenize(text):
+    ids = sp.tokenize(text)
+    return {'tokens': ids.to_tensor(default_value=0),
+            'lengths': tf.cast(ids.row_lengths(), tf.int32)}
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None, None], tf.int32, name='tokens'),
+                                tf.TensorSpec([None], tf.int32, name='lengths')])
+  def detokenize(tokens, lengths):
+    lengths = tf.minimum(tf.maximum(lengths, 0), tf.shape(tokens)[1])
+    return {'text': sp.detokenize(known_ids(tf.RaggedTensor.from_tensor(tokens,
+                                                                       lengths=lengths)))}
+
   # The tokenizer holds a TF resource: the module must track it.
-  return sp, text
+  return sp, text, {'tokenize': tokenize, 'detokenize': detokenize}
 
 
 # ---- Export.
@@ -242,10 +344,14 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
         'vocab_size': cfg.vocab_size, 'platforms': list(platforms),
         'stop_ids': list(stop_ids), 'batch_buckets': list(batch_buckets),
         'prompt_buckets': prompt_buckets,
-        'signatures': ['serving_default'] + ([TEXT_SIGNATURE] if tokenizer_path else []),
+        'signatures': sorted(signatures),
         # Signature -> argument -> graph tensor: what a Session.Run client
         # (the Go runtime) feeds and fetches, without parsing saved_model.pb.
         'signature_tensors': signature_tensors(tmp),
+        # For the step signatures and the HTTP server (serving/go).
+        'cache': cache_info(cfg), 'top_logprobs': decode.TOP_LOGPROBS,
+        'eos_id': run.tokenizer.eos_id if run.tokenizer is not None else -1,
+        'chat_template': run.config.sft.template,
         'param_bytes': int(sum(a.nbytes for a in arrays)),
         'param_bytes_float32': int(sum(4 * int(np.prod(s.shape)) for s in specs)),
     }

@@ -21,7 +21,22 @@ const InfoFile = "assets.extra/llm_jax_export.json"
 const (
 	Generate     = "serving_default"
 	GenerateText = "generate_text"
+	Prefill      = "prefill"
+	DecodeStep   = "decode_step"
+	Score        = "score"
+	Tokenize     = "tokenize"
+	Detokenize   = "detokenize"
 )
+
+// Cache describes decode_step's KV cache: [rows, Layers, 2, Slots, KVHeads,
+// HeadDim] of DType.
+type Cache struct {
+	Layers  int    `json:"layers"`
+	KVHeads int    `json:"kv_heads"`
+	HeadDim int    `json:"head_dim"`
+	Slots   int    `json:"slots"`
+	DType   string `json:"dtype"`
+}
 
 // Signature maps a signature's input and output keys to graph tensors.
 type Signature struct {
@@ -39,6 +54,28 @@ type Info struct {
 	BatchBuckets  []int                `json:"batch_buckets"`
 	PromptBuckets []int                `json:"prompt_buckets"`
 	Signatures    map[string]Signature `json:"signature_tensors"`
+	Cache         Cache                `json:"cache"`
+	TopLogprobs   int                  `json:"top_logprobs"`
+	EOSID         int                  `json:"eos_id"`
+	ChatTemplate  string               `json:"chat_template"`
+}
+
+// CheckStepwise says what is missing for step-by-step generation (the HTTP
+// server's needs): the prefill, decode_step and score signatures and the
+// cache layout, which exports before them lack.
+func (i *Info) CheckStepwise() error {
+	for _, name := range []string{Prefill, DecodeStep, Score} {
+		if !i.Has(name) {
+			return fmt.Errorf("the export has no %s signature: it was made by an older "+
+				"llm_jax; export the run again (python -m llm_jax.export --workdir=RUN "+
+				"--out=DIR --overwrite)", name)
+		}
+	}
+	c := i.Cache
+	if c.Layers < 1 || c.KVHeads < 1 || c.HeadDim < 1 || c.Slots < 2 {
+		return fmt.Errorf("the export's record has no valid cache layout (%+v); export the run again", c)
+	}
+	return nil
 }
 
 // Read loads dir's export record. An export without signature_tensors was

@@ -83,3 +83,23 @@ func TestParseIDs(t *testing.T) {
 		}
 	}
 }
+
+func TestCheckStepwiseAsksForAReExport(t *testing.T) {
+	info, err := Parse([]byte(record), "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := info.CheckStepwise(); err == nil || !strings.Contains(err.Error(), "export the run again") {
+		t.Errorf("an export without prefill: %v", err)
+	}
+	for _, name := range []string{Prefill, DecodeStep, Score} {
+		info.Signatures[name] = info.Signatures[Generate]
+	}
+	if err := info.CheckStepwise(); err == nil || !strings.Contains(err.Error(), "cache layout") {
+		t.Errorf("an export without a cache layout: %v", err)
+	}
+	info.Cache = Cache{Layers: 2, KVHeads: 2, HeadDim: 16, Slots: 64, DType: "float32"}
+	if err := info.CheckStepwise(); err != nil {
+		t.Error(err)
+	}
+}

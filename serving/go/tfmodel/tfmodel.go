@@ -230,5 +230,9 @@ type Error struct {
 
 func (e *Error) Error() string { return e.What + ": " + e.Message }
 
+// InvalidArgument reports whether the model refused the request (a graph
+// assert), rather than failing.
+func (e *Error) InvalidArgument() bool { return e.Code == InvalidArgument }
+
 // InvalidArgument is TF_INVALID_ARGUMENT: the request, not the model, was wrong.
 const InvalidArgument = 3
