@@ -175,6 +175,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (for queues with time limits). 0: run to train.steps.
   c.train.stop_at = 0
   c.train.compile_cache = True  # Reuse compiled steps from <workdir>/xla_cache.
+  # A run directory whose tb/ shows earlier training but whose checkpoints/
+  # holds none (deleted, moved, or that run stopped before its first save)
+  # is refused, so lost checkpoints never silently restart a run at step 0.
+  # True: train from step 0 there anyway (the old tb/ is moved aside, kept).
+  c.train.allow_fresh_start = False
   # Cross-entropy over chunks of this many positions (0: all at once). Each
   # chunk's logits are recomputed in the backward pass, so the full float32
   # [batch, seq, vocab] logits never exist: large vocabularies fit.

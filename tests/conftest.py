@@ -115,3 +115,54 @@ def command_status():
     return 0
 
   return run
+def _run_quietly(*args) -> bool:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  return subprocess.run(args, capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A factory: ``small_disk(megabytes)`` mounts a tmpfs of that size and returns it.
+
+  Needs root (CAP_SYS_ADMIN), which CI has; the test is skipped elsewhere.
+  """
+  mounts = []
+
+  def make(megabytes: int):
+    path = tmp_path / f'disk{len(mounts)}'
+    path.mkdir()
+    if not _run_quietly('mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs',
+                        str(path)):
+      pytest.skip('cannot mount a small tmpfs here (needs root)')
+    mounts.append(path)
+    return path
+
+  yield make
+  for path in mounts:
+    _run_quietly('umount', '-l', str(path))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+  """A factory: ``read_only(path)`` makes a directory unwritable for this process.
+
+  Not root: chmod 0555. Root ignores permissions, so the directory is bound
+  read-only onto itself instead (skipped where that is not allowed).
+  """
+  undo = []
+
+  def make(path):
+    path = str(path)
+    if os.geteuid() != 0:
+      os.chmod(path, 0o555)
+      undo.append(lambda: os.chmod(path, 0o755))
+    elif _run_quietly('mount', '--bind', path, path):
+      undo.append(lambda: _run_quietly('umount', '-l', path))
+      if not _run_quietly('mount', '-o', 'remount,bind,ro', path):
+        pytest.skip('cannot make a directory read-only for root here')
+    else:
+      pytest.skip('cannot make a directory read-only for root here')
+
+  yield make
+  for fn in reversed(undo):
+    fn()

@@ -503,7 +503,8 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 0) -> str:
   tok_path = os.path.join(hf_dir, 'tokenizer.model')
   tokenizer_bytes = None
   if os.path.exists(tok_path):
-    tokenizer_bytes = tokenizer_lib.Tokenizer.load(tok_path).model_bytes
+    tokenizer_bytes = tokenizer_lib.Tokenizer.load(
+        tok_path, fix='move it out of --hf_dir to import without a tokenizer').model_bytes
   source = dict(hf_dir=os.path.abspath(hf_dir), family=family,
                 architectures=hf.get('architectures'))
   return workdir_lib.write(workdir, config, params, vocab_size=vocab_size,

@@ -34,7 +34,10 @@ def _write_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   text = json.dumps(json.loads(config.to_json()), indent=2)
-  files.atomic_write(str(epath.Path(workdir) / workdir_lib.CONFIG_FILE), text)
+  try:
+    files.atomic_write(str(epath.Path(workdir) / workdir_lib.CONFIG_FILE), text)
+  except OSError as e:
+    raise workdir_lib.unwritable(workdir, e) from None
 
 
 def _make_workdir(workdir: str) -> str:
@@ -64,10 +67,22 @@ def run(config, workdir: str | None = None, *,
     Final metrics: step, loss, val_loss, val_ppl, loss_history, val_history,
     tokens_per_sec, mfu, unigram_entropy, peak_rss_gib, wall_seconds, workdir,
     samples.
+
+  Raises:
+    UserError: a bad config value (before anything is created), another
+      training process holding the run directory, or bad data.
   """
   t0 = time.perf_counter()
   check_keys(config)
+  trainer.check_config(config)  # Bad values fail here, before anything is created.
   workdir = _make_workdir(workdir or os.path.join('runs', config.name))
+  # One trainer per run directory: a second one would interleave checkpoints.
+  with workdir_lib.training_lock(workdir):
+    return _run_in(config, workdir, t0)
+
+
+def _run_in(config, workdir: str, t0: float) -> dict:
+  """``run`` once the run directory is ours."""
   if config.init_from:
     init_from_lib.use_source_tokenizer(config)  # Before config.json records it.
   _write_config(config, workdir)
@@ -90,6 +105,7 @@ def run(config, workdir: str | None = None, *,
                                  every=config.checkpoint.every, keep=config.checkpoint.keep,
                                  keep_every=config.checkpoint.keep_every)
   try:
+    _refuse_a_silent_restart(config, ckpt, workdir)
     state, result = _resume_and_train(config, tr, ckpt, inputs, workdir, on_eval)
   finally:
     ckpt.close()  # Even on an error, a save in flight is finished, not left torn.
@@ -107,6 +123,35 @@ def run(config, workdir: str | None = None, *,
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
   _summarise(result)
   return result
+
+
+def _refuse_a_silent_restart(config, ckpt, workdir: str) -> None:
+  """Refuses step 0 where an earlier start trained but no checkpoint is left.
+
+  TensorBoard events past step 0 with no checkpoint mean the checkpoints were
+  deleted or moved (or that run stopped before its first save): training from
+  scratch would quietly throw the run away and draw a second curve over the
+  first. ``train.allow_fresh_start`` says that is meant; the old events are
+  then moved aside (never deleted) so the new curve starts clean.
+  """
+  if ckpt.all_steps():
+    return
+  logdir = os.path.join(workdir, 'tb')
+  last = metrics.last_logged_step(logdir)
+  if not last:
+    return
+  if not config.train.allow_fresh_start:
+    raise UserError(
+        f'{workdir} was trained before (TensorBoard has its curve up to step {last}) '
+        f'but {ckpt.directory} holds no checkpoint: they were deleted or moved, or '
+        'that run stopped before its first save. Put the checkpoints back to resume, '
+        'or pass --config.train.allow_fresh_start=True to train from step 0 here '
+        '(the old tb/ is kept beside it), or use a new --workdir.')
+  moved = f'{logdir}.before-{time.strftime("%Y%m%d-%H%M%S")}'
+  if jax.process_index() == 0:
+    epath.Path(logdir).rename(moved)
+  metrics.say(f'Training from step 0 (train.allow_fresh_start): the earlier '
+              f'TensorBoard events, up to step {last}, are now in {moved}.')
 
 
 @dataclasses.dataclass
@@ -211,8 +256,12 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
   batches = inputs.train_batches(start)
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({inputs.num_windows():,} windows per epoch).')
-  state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
-                                io, meta_fn)
+  try:
+    state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
+                                  io, meta_fn)
+  finally:
+    batches.close()  # Stops the prefetch thread now, not at garbage collection.
+    io.tb.close()
   return state, {**result, 'tokens_per_step': batch * seq_len}
 
 

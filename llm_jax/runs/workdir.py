@@ -2,16 +2,21 @@
 
 A workdir (docs/runs-and-reliability.md) holds ``config.json`` (the resolved config),
 ``tokenizer.model`` (a copy of the run's SentencePiece model, so the directory
-is complete on its own), ``checkpoints/<step>/`` (Orbax) and ``tb/``.
+is complete on its own), ``checkpoints/<step>/`` (Orbax), ``tb/`` and
+``train.lock`` (who trains it now: ``training_lock``).
 ``generate``, ``evaluate``, ``export`` and ``init_from`` all start here;
 imports and vocabulary extension write new ones with ``write``.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import socket
+import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -30,6 +35,8 @@ from llm_jax.training import sharding, steps, trainer
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CHECKPOINTS_DIR = 'checkpoints'
+# Held (flock) by the training process that owns the run; says who that is.
+LOCK_FILE = 'train.lock'
 
 
 @dataclasses.dataclass
@@ -62,6 +69,56 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                     'or retrain.') from None
 
 
+def unwritable(workdir: str, error: OSError) -> UserError:
+  """The one line for a run directory this user cannot write."""
+  reason = error.strerror or str(error)
+  return UserError(f'Cannot write to the run directory {workdir}: {reason} '
+                   f'({error.filename or workdir}). Training writes config.json, '
+                   'checkpoints and TensorBoard events there: make it writable for '
+                   'this user, or pass another --workdir.')
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str) -> Iterator[None]:
+  """Holds ``workdir`` for this training process; refuses if another holds it.
+
+  The lock is an ``flock`` on ``<workdir>/train.lock``, held open for the
+  run's life: the kernel drops it when the process ends, however it ends, so
+  a run killed with ``kill -9`` never blocks the next start. Only process 0
+  of a multi-host run takes it (the others write no run files of their own);
+  object stores (``gs://``) have no locks and are not locked.
+
+  Raises:
+    UserError: another process holds the lock (its pid, host and start time
+      are named), or the directory cannot be written.
+  """
+  if '://' in workdir or jax.process_index() != 0:
+    yield
+    return
+  lock = files.FileLock(os.path.join(workdir, LOCK_FILE))
+  me = dict(pid=os.getpid(), host=socket.gethostname(),
+            started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+  try:
+    taken = lock.acquire(wait=False, note=json.dumps(me))
+  except OSError as e:
+    raise unwritable(workdir, e) from None
+  if not taken:
+    try:
+      other = json.loads(lock.holder())
+    except ValueError:
+      other = {}
+    pid, host = other.get('pid', '?'), other.get('host', '?')
+    raise UserError(
+        f'{workdir} is in use by another training process: pid {pid} on {host}, '
+        f'started {other.get("started", "?")}. Two trainers on one run directory '
+        f'would interleave their checkpoints. Wait for it to finish, stop it (kill '
+        f'{pid} saves a checkpoint and exits), or pass another --workdir.')
+  try:
+    yield
+  finally:
+    lock.release()
+
+
 def save_tokenizer(workdir: str, model_bytes: bytes) -> str:
   """Copies the tokenizer model into the workdir (whole or not at all)."""
   path = epath.Path(workdir) / TOKENIZER_FILE
@@ -73,7 +130,11 @@ def save_tokenizer(workdir: str, model_bytes: bytes) -> str:
 def load_tokenizer(workdir: str):
   """The run's tokenizer, or None if the workdir has none (e.g. a GPT-2 import)."""
   path = epath.Path(workdir) / TOKENIZER_FILE
-  return tokenizer_lib.Tokenizer.load(str(path)) if path.exists() else None
+  if not path.exists():
+    return None
+  return tokenizer_lib.Tokenizer.load(
+      str(path), fix="it is this run's copy of its tokenizer: copy the .model file "
+      'the run was trained with there again')
 
 
 def latest_step(workdir: str) -> int:

@@ -138,6 +138,54 @@ def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
   return lora.apply(model, config.lora, seed) if lora.enabled(config) else model
 
 
+# Keys whose values have a floor, with what the value means (for the message).
+_AT_LEAST = (
+    ('train.steps', 1, 'optimizer updates in the whole run'),
+    ('train.batch_size', 1, 'sequences per step'),
+    ('train.log_every', 1, 'steps between progress lines'),
+    ('train.eval_every', 0, 'steps between evals; 0: at the end only'),
+    ('train.eval_batches', 1, 'batches per eval'),
+    ('train.stop_at', 0, 'the step to stop after; 0: off'),
+    ('train.max_nan_skips', 0, 'skipped updates in a row before halting'),
+    ('train.num_samples', 0, 'samples printed at the end'),
+    ('train.loss_chunk', 0, 'positions per loss chunk; 0: all at once'),
+    ('optim.warmup_steps', 0, 'steps of linear warmup'),
+    ('optim.grad_accum_steps', 1, 'micro-batches per update'),
+    ('checkpoint.every', 0, 'steps between saves; 0: only the last step'),
+    ('checkpoint.keep', 1, 'checkpoints kept'),
+    ('checkpoint.keep_every', 0, "every N-th step's checkpoint kept forever; 0: off"),
+    ('data.seq_len', 1, 'tokens per training window'),
+    ('data.max_documents', 0, 'documents read; 0: all'),
+    ('data.num_threads', 1, 'tokenizer threads'),
+)
+
+
+def check_config(config) -> None:
+  """Refuses values that cannot work, before a run creates or reads anything.
+
+  What needs the data (the vocabulary) or the devices (the mesh) is checked
+  later, in ``Trainer.build``; this catches the rest at once, naming the key.
+
+  Raises:
+    UserError: naming the first bad key, its value and what it must be.
+  """
+  for key, low, meaning in _AT_LEAST:
+    section, name = key.split('.')
+    value = config[section][name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise UserError(f'{key}={value!r} must be an integer of at least {low} '
+                      f'({meaning}). Set --config.{key}=...')
+  if not 0 < config.data.val_fraction < 1:
+    raise UserError(f'data.val_fraction={config.data.val_fraction!r} must be between '
+                    '0 and 1 (the share of documents held out for validation).')
+  optim.learning_rate_schedule(config.optim, config.train.steps)
+  # The model's keys, with the configured vocabulary size standing in for the
+  # tokenizer's (Trainer.build checks again with the real one).
+  ModelConfig.from_config(config.model, vocab_size=max(config.tokenizer.vocab_size, 1),
+                          max_len=config.data.seq_len)
+  _check_train_config(config, mesh=None)
+
+
 def _check_train_config(config, mesh) -> None:
   """Refuses train settings that cannot work, before anything is compiled."""
   if config.prune.keep_zeros and lora.enabled(config):
@@ -147,10 +195,12 @@ def _check_train_config(config, mesh) -> None:
   if config.train.nan_policy not in ('halt', 'skip'):
     raise UserError(f"train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
   batch, accum = config.train.batch_size, config.optim.grad_accum_steps
-  ways = sharding.batch_divisor(mesh, config.mesh.rules)
   if accum < 1 or batch % accum:
     raise UserError(f'train.batch_size={batch} must be a multiple of '
                     f'optim.grad_accum_steps={accum} (and that at least 1).')
+  if mesh is None:
+    return
+  ways = sharding.batch_divisor(mesh, config.mesh.rules)
   if (batch // accum) % ways:
     raise UserError(
         f'Each micro-batch ({batch // accum} sequences) must split evenly over '
