@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from llm_jax.core.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
-_MUST_MATCH = ('model', 'lora')
+_MUST_MATCH = ('model', 'lora', 'objective')
 # Orbax's names: the marker written last into a finished step directory, and
 # the infix of a step directory still being written.
 _COMMIT_MARKER = 'commit_success.txt'
