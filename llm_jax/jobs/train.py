@@ -2,9 +2,10 @@
 
 ``run(config, workdir)`` is what ``python -m llm_jax.train`` and notebooks call.
 Every objective of the trainer goes through it: a decoder LM on token windows,
-an encoder's masked LM (the same windows, masked per step from (seed, step))
-and SFT on packed chat examples. ``_Inputs`` hides which: it serves the train
-batches from any step and the fixed validation batches.
+an encoder's masked LM (the same windows, masked per step from (seed, step)),
+SFT on packed chat examples, a reward model, DPO and ORPO on preference pairs
+and GRPO on rollouts of prompts (docs/alignment.md). ``_Inputs`` hides which:
+it serves the train batches from any step and the fixed validation batches.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ import jax
 from llm_jax.core import files
 from llm_jax.core.configuration import check_keys
 from llm_jax.core.errors import UserError
-from llm_jax.data import masking, pipeline, sft, shards
+from llm_jax.data import masking, pipeline, preference, sft, shards
 from llm_jax.evaluation import tasks
 from llm_jax.runs import init_from as init_from_lib
 from llm_jax.runs import workdir as workdir_lib
@@ -78,10 +79,10 @@ def run(config, workdir: str | None = None, *,
   workdir = _make_workdir(workdir or os.path.join('runs', config.name))
   # One trainer per run directory: a second one would interleave checkpoints.
   with workdir_lib.training_lock(workdir):
-    return _run_in(config, workdir, t0)
+    return _run_in(config, workdir, t0, on_eval)
 
 
-def _run_in(config, workdir: str, t0: float) -> dict:
+def _run_in(config, workdir: str, t0: float, on_eval) -> dict:
   """``run`` once the run directory is ours."""
   if config.init_from:
     init_from_lib.use_source_tokenizer(config)  # Before config.json records it.
@@ -94,8 +95,9 @@ def _run_in(config, workdir: str, t0: float) -> dict:
   if jax.process_index() == 0:
     # The workdir is complete on its own: generate/evaluate/export need no cache.
     workdir_lib.save_tokenizer(workdir, data.tokenizer.model_bytes)
-  metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
-              'nats/token (a model must beat this to have learnt anything).')
+  if config.objective == 'lm':
+    metrics.say(f'Unigram entropy of the training tokens: {data.unigram_entropy:.3f} '
+                'nats/token (a model must beat this to have learnt anything).')
   mesh = sharding.make_mesh(config.mesh)
   tr = trainer.Trainer.build(config, data.vocab_size, mesh)
   metrics.say(f'Model: {tr.model_cfg.num_params():,} parameters; mesh '
@@ -118,7 +120,8 @@ def _run_in(config, workdir: str, t0: float) -> dict:
                 f'{ckpt.directory}. {how}')
     return result
   result['samples'] = trainer.sample_texts(tr, state.params, data.tokenizer, config)
-  result.update(unigram_entropy=data.unigram_entropy, workdir=workdir,
+  result.update(unigram_entropy=getattr(data, 'unigram_entropy', float('nan')),
+                objective=config.objective, workdir=workdir,
                 vocab_size=data.vocab_size, wall_seconds=time.perf_counter() - t0,
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
   _summarise(result)
@@ -158,13 +161,17 @@ def _refuse_a_silent_restart(config, ckpt, workdir: str) -> None:
 class _Inputs:
   """The run's data, whichever objective: train batches and validation batches."""
   config: Any
-  data: Any  # shards.PreparedData or sft.SftData
+  # shards.PreparedData, sft.SftData, preference.PreferenceData or PromptData.
+  data: Any
   masker: masking.Masker | None  # Encoders: masked LM from (seed, step).
 
   @classmethod
   def prepare(cls, config) -> '_Inputs':
+    _check_source(config)
     if config.data.source == 'sft':  # Instruction tuning: packed chat examples.
       return cls(config, sft.prepare(config, log=metrics.say), None)
+    if config.data.source == 'preference':  # Reward model, DPO, ORPO: pairs.
+      return cls(config, preference.prepare(config, log=metrics.say), None)
     data = shards.prepare(config, log=metrics.say)
     masker = None
     if config.model.kind == 'encoder':
@@ -175,7 +182,8 @@ class _Inputs:
 
   @property
   def is_sft(self) -> bool:
-    return isinstance(self.data, sft.SftData)
+    """Conversations (SFT rows, preference pairs): the data serves its batches."""
+    return isinstance(self.data, (sft.SftData, preference.PreferenceData))
 
   def _windows(self, paths):
     return pipeline.TokenWindows(paths, self.data.manifest['dtype'],
@@ -206,6 +214,24 @@ class _Inputs:
     return 0.0 if self.is_sft else self.data.manifest['splits']['val']['bytes_per_token']
 
 
+_SOURCES = {'reward': 'preference', 'dpo': 'preference', 'orpo': 'preference',
+            'grpo': 'prompts'}
+
+
+def _check_source(config) -> None:
+  """The data an objective reads: pairs for reward/DPO/ORPO, prompts for GRPO."""
+  want = _SOURCES.get(config.objective)
+  source = config.data.source
+  if want and source != want:
+    raise UserError(f'objective={config.objective!r} reads data.source={want!r} '
+                    f'(data.source is {source!r}); set --config.data.source={want} '
+                    'or start from its preset (configs/reward.py, dpo.py, grpo.py).')
+  if not want and source in _SOURCES.values():
+    raise UserError(f'data.source={source!r} is for objective='
+                    f'{"grpo" if source == "prompts" else "reward, dpo or orpo"}; '
+                    f'objective is {config.objective!r}.')
+
+
 def _hosts() -> dict:
   return dict(process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -228,7 +254,7 @@ def _resume_and_train(config, tr, ckpt, inputs: _Inputs, workdir, on_eval):
     metrics.say(f'Training is already complete: the checkpoint is at step {start} '
                 f'and train.steps={config.train.steps}. Raise '
                 '--config.train.steps to train further.')
-    evals = tr.evaluate(state.params, eval_batches)
+    evals = tr.evaluate(state.params, eval_batches, ref_params=state.ref_params)
     if inputs.val_bytes_per_token() and tr.model_cfg.causal:
       evals['val_bpb'] = loop.bits_per_byte(evals['val_loss'], inputs.val_bytes_per_token())
     return state, {'step': start, 'val_history': {}, 'loss_history': {}, **evals}
@@ -242,12 +268,13 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
   seq_len, batch = config.data.seq_len, config.train.batch_size
   peak, peak_source = metrics.peak_flops(config.train.peak_flops)
   flops = metrics.train_flops_per_token(tr.model_cfg, seq_len)
+  rows = 2 if tr.objective.is_pairwise else 1  # A pair is two sequences.
   metrics.say(f'MFU: {flops / 1e6:.1f} MFLOP/token (6N + attention) against '
               f'{peak_source}.')
   io = loop.LoopIO(
       progress=metrics.ProgressLine(config.train.steps),
       tb=metrics.TensorBoard(os.path.join(workdir, 'tb')),
-      thr=metrics.Throughput(batch * seq_len, flops, peak),
+      thr=metrics.Throughput(rows * batch * seq_len, flops, peak),
       log_every=config.train.log_every, nan_policy=config.train.nan_policy,
       max_nan_skips=config.train.max_nan_skips,
       val_bytes_per_token=inputs.val_bytes_per_token(), on_eval=on_eval)
@@ -260,23 +287,28 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
     state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
                                   io, meta_fn)
   finally:
-    batches.close()  # Stops the prefetch thread now, not at garbage collection.
+    # Stops a prefetch thread now, not at garbage collection (GRPO's rollout
+    # function has nothing to stop).
+    getattr(batches, 'close', lambda: None)()
     io.tb.close()
-  return state, {**result, 'tokens_per_step': batch * seq_len}
+  return state, {**result, 'tokens_per_step': rows * batch * seq_len}
 
 
 def _summarise(r: dict) -> None:
   for prompt, greedy, sampled in r['samples']:
     metrics.say(f'--- prompt {prompt!r}\n[greedy]  {prompt}{greedy}\n'
                 f'[sampled] {prompt}{sampled}')
-  half = r['unigram_entropy'] / 2
-  verdict = 'below' if r['val_loss'] < half else 'NOT below'
-  metrics.say(
-      f'Done at step {r["step"]}: val loss {r["val_loss"]:.4f} (ppl {r["val_ppl"]:.2f}), '
-      f'{verdict} half the unigram entropy ({half:.3f}). '
-      f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
-      f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
-  if 'val_accuracy' in r:  # An encoder: its loss is on masked tokens only.
+  costs = (f'Wall time {metrics.format_duration(r["wall_seconds"])}, '
+           f'peak memory {r["peak_rss_gib"]:.2f} GiB.')
+  if r['objective'] != 'lm':
+    metrics.say(f'Done at step {r["step"]}: ' + _alignment_headline(r) + ' ' + costs)
+  else:
+    half = r['unigram_entropy'] / 2
+    verdict = 'below' if r['val_loss'] < half else 'NOT below'
+    metrics.say(
+        f'Done at step {r["step"]}: val loss {r["val_loss"]:.4f} (ppl {r["val_ppl"]:.2f}), '
+        f'{verdict} half the unigram entropy ({half:.3f}). ' + costs)
+  if 'val_accuracy' in r and r['objective'] == 'lm':  # An encoder's masked tokens.
     metrics.say(f'Masked-token accuracy {r["val_accuracy"]:.4f} (python -m '
                 f'llm_jax.fill_mask --workdir={r["workdir"]} --text="... <mask> ...").')
   if r.get('save_block_seconds') and r.get('tokens_per_sec'):
@@ -288,3 +320,13 @@ def _summarise(r: dict) -> None:
                 f'they save; a step takes {1000 * step_s:.0f} ms.')
   metrics.say(f'Run directory: {r["workdir"]} (checkpoints/, tb/, config.json). '
               f'TensorBoard: tensorboard --logdir {r["workdir"]}/tb')
+
+
+def _alignment_headline(r: dict) -> str:
+  """The held-out figures an alignment run is judged by."""
+  if r['objective'] == 'grpo':
+    return (f'held-out reward {r["val_reward"]:.4f} (greedy completions of '
+            f'{r["val_prompts"]} prompts).')
+  return (f'held-out pairs: loss {r["val_loss"]:.4f}, reward accuracy '
+          f'{r["val_accuracy"]:.4f} (chosen above rejected), mean margin '
+          f'{r["val_margin"]:.4f}.')

@@ -50,6 +50,8 @@ class Run:
   tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None if the run has none
   step: int
   meta: dict  # the checkpoint's metadata (see trainer.checkpoint_meta)
+  # A DPO/GRPO run's frozen reference (TrainState.ref_params), else None.
+  ref_params: Any = None
 
   def model(self):
     """The NNX Transformer with these parameters."""
@@ -193,9 +195,11 @@ def load(workdir: str, step: int | None = None) -> Run:
   # Layer by layer from here on (decode, export and conversion walk blocks/0,
   # blocks/1, ...), even if the run scanned over stacked layers.
   model_cfg, graphdef, params = tr.unrolled(state.params)
+  ref_params = None if state.ref_params is None else tr.unrolled(state.ref_params)[2]
   return Run(workdir=workdir, config=config, model_cfg=model_cfg,
              graphdef=graphdef, params=params,
-             tokenizer=load_tokenizer(workdir), step=step, meta=meta)
+             tokenizer=load_tokenizer(workdir), step=step, meta=meta,
+             ref_params=ref_params)
 
 
 def require_tokenizer(run):

@@ -174,18 +174,21 @@ class LoopIO:
         'not applied and the last checkpoint is kept. Lower '
         'optim.learning_rate or check the data, then rerun to resume.')
 
-  def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
-    evals = trainer.evaluate(params, batches)
+  def evaluate(self, trainer: 'Trainer', state: TrainState, batches, step: int) -> dict:
+    params = state.params
+    evals = trainer.evaluate(params, batches, ref_params=state.ref_params)
     if self.val_bytes_per_token and trainer.model_cfg.causal:
       evals['val_bpb'] = bits_per_byte(evals['val_loss'], self.val_bytes_per_token)
     if self.extra_eval is not None:
       evals.update(self.extra_eval(params, step))
-    self.val_history[step] = evals['val_loss']
+    # GRPO's headline is the held-out reward; everything else has a loss.
+    self.val_history[step] = evals['val_loss' if 'val_loss' in evals else 'val_reward']
     self.tb.scalars(step, evals)
-    more = ''.join(f' | {k.removeprefix("val_")} {v:.4f}' for k, v in evals.items()
-                   if k not in ('val_loss', 'val_ppl') and isinstance(v, (int, float)))
-    metrics.say(f'eval @ step {step} | val loss {evals["val_loss"]:.4f} | '
-                f'val ppl {evals["val_ppl"]:.2f}{more}')
+    shown = [('val loss', 'val_loss', '.4f'), ('val ppl', 'val_ppl', '.2f')]
+    head = [f'{name} {evals[k]:{fmt}}' for name, k, fmt in shown if k in evals]
+    more = [f'{k.removeprefix("val_")} {v:.4f}' for k, v in evals.items()
+            if k not in ('val_loss', 'val_ppl') and isinstance(v, (int, float))]
+    metrics.say(' | '.join([f'eval @ step {step}'] + head + more))
     self.thr.restart()
     return evals
 
@@ -212,7 +215,10 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
   """Steps from ``start`` to ``train.steps`` (or ``train.stop_at``, or a signal).
 
   Returns the state and the final metrics; ``stopped_on_eval`` says that
-  ``io.on_eval`` stopped the run before ``train.steps``.
+  ``io.on_eval`` stopped the run before ``train.steps``. ``batches`` is an
+  iterator of host batches, or a function of the current state that returns
+  the next one (GRPO's rollouts sample from the parameters of the step they
+  train).
 
   Step N is dispatched before step N-1's metrics are fetched, so the host never
   waits for the device except to read numbers that are already done.
@@ -221,11 +227,13 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
   pending, evals, stop_signal, stopped_early = None, {}, None, False
   asked = False  # io.on_eval asked to stop.
   if start == 0:
-    io.evaluate(trainer, state.params, eval_batches, 0)
+    io.evaluate(trainer, state, eval_batches, 0)
   t_start = time.perf_counter()
   with StopSignals() as stop:
     for step in range(start, cfg.steps):
-      batch = sharding.global_batch(next(batches), trainer.batch_sharding)
+      # On-policy objectives (GRPO) make their batch from the current state.
+      local = batches(state) if callable(batches) else next(batches)
+      batch = sharding.global_batch(local, trainer.batch_sharding)
       state, step_metrics = trainer.step_fn(state, batch)
       if pending is not None:
         io.report(*pending)
@@ -238,7 +246,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
       if is_last or (cfg.eval_every and done % cfg.eval_every == 0):
         io.report(*pending)
         pending = None
-        evals = io.evaluate(trainer, state.params, eval_batches, done)
+        evals = io.evaluate(trainer, state, eval_batches, done)
         asked = not is_last and io.asks_to_stop(done, evals)
       stop_now = _agree_to_stop(stop.received is not None, done, cfg.log_every)
       stop_here = asked or (cfg.stop_at and done >= cfg.stop_at and not is_last)
