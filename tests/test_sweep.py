@@ -45,9 +45,9 @@ class FakeTrain:
     final = (math.log10(lr) + 2.5) ** 2 + 0.1 * layers + 3.0
     steps, every = config.train.steps, config.train.eval_every
     self.calls.append((os.path.basename(workdir), lr, layers))
-    for step in range(every, steps, every) if every else ():
+    for step in range(every, steps + 1, every) if every else ():
       value = final + (steps - step) / steps
-      if on_eval is not None and on_eval(step, {'val_loss': value}):
+      if on_eval is not None and on_eval(step, {'val_loss': value}) and step < steps:
         return {'step': step, 'val_loss': value, 'stopped_early': True,
                 'stopped_on_eval': True}
     return {'step': steps, 'val_loss': final}
@@ -257,6 +257,7 @@ def tiny(cache, **train):
   return c
 
 
+@pytest.mark.slow
 def test_a_real_sweep_trains_prunes_and_reports(tmp_path, tiny_cache):
   """lr 3e-3 and 1e-2 finish; 1e-5 is worse at step 3 than their median and stops."""
   study_dir, lines = str(tmp_path / 's'), []

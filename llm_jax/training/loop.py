@@ -147,9 +147,9 @@ class LoopIO:
   val_bytes_per_token: float = 0.0
   # More eval metrics, e.g. task scores: (params, step) -> {name: number}.
   extra_eval: Any = None
-  # Called after each evaluation during training, (step, evals) -> True to
-  # stop there with a checkpoint (a sweep's pruner). With several processes
-  # it must answer the same on each.
+  # Called after each evaluation during training (the last one too), (step,
+  # evals) -> True to stop there with a checkpoint (a sweep's pruner). With
+  # several processes it must answer the same on each.
   on_eval: Callable[[int, dict], bool] | None = None
 
   def asks_to_stop(self, step: int, evals: dict) -> bool:
@@ -247,7 +247,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
         io.report(*pending)
         pending = None
         evals = io.evaluate(trainer, state, eval_batches, done)
-        asked = not is_last and io.asks_to_stop(done, evals)
+        asked = io.asks_to_stop(done, evals) and not is_last  # The last: done anyway.
       stop_now = _agree_to_stop(stop.received is not None, done, cfg.log_every)
       stop_here = asked or (cfg.stop_at and done >= cfg.stop_at and not is_last)
       if is_last or ckpt.should_save(done) or stop_now or stop_here:
