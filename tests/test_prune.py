@@ -6,7 +6,9 @@ fine-tune from its pruned copy.
 """
 
 import dataclasses
+import json
 import os
+import shutil
 
 from flax import nnx
 import jax
@@ -155,6 +157,18 @@ def test_prune_writes_a_run_with_exact_zeros_and_masks(random_run, tmp_path, cap
       np.testing.assert_array_equal(value, before[name])
   counts = sparsity.count(pruned.params)
   assert counts['prunable_zeros'] == sum(m.size - m.sum() for m in masks.values())
+
+
+def test_a_run_from_before_pruning_existed_prunes(random_run, tmp_path, capsys):
+  """A config.json without the prune section (trained before it) still loads."""
+  old = tmp_path / 'old'
+  shutil.copytree(random_run[0], old)
+  config = json.loads((old / 'config.json').read_text())
+  del config['prune']
+  (old / 'config.json').write_text(json.dumps(config))
+  assert _cli([f'--workdir={old}', f'--out={tmp_path / "pruned"}', '--pattern=2:4',
+               '--targets=blocks/0/mlp/up'], capsys)[0] == 0
+  assert workdir_lib.load(str(tmp_path / 'pruned')).config.prune.keep_zeros
 
 
 @pytest.mark.parametrize('args, message', [
