@@ -106,7 +106,7 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def unstructured_masks(kernels: dict, share: float, scope: str) -> dict[str, np.ndarray]:
-  if scope == 'layer':
+  if scope == 'layer' or not kernels:
     return {k: _smallest(np.abs(w), round(share * w.size)) for k, w in kernels.items()}
   names = list(kernels)
   scores = np.concatenate([np.abs(kernels[k]).ravel() for k in names])
