@@ -6,7 +6,9 @@ fine-tune from its pruned copy.
 """
 
 import dataclasses
+import json
 import os
+import shutil
 
 from flax import nnx
 import jax
@@ -133,11 +135,12 @@ def test_keep_masks_shard_like_their_parameters(tiny_config):
 # ---- The command, on a run.
 
 
-def test_prune_writes_a_run_with_exact_zeros_and_masks(random_run, tmp_path, capsys):
+@pytest.mark.parametrize('scope', ['layer', 'global'])
+def test_prune_writes_a_run_with_exact_zeros_and_masks(random_run, tmp_path, capsys, scope):
   run_dir, _ = random_run
   out = str(tmp_path / 'pruned')
   assert _cli([f'--workdir={run_dir}', f'--out={out}', '--sparsity=0.5',
-               '--targets=mlp/*'], capsys)[0] == 0
+               '--targets=mlp/*', f'--scope={scope}'], capsys)[0] == 0
   source, pruned = workdir_lib.load(run_dir), workdir_lib.load(out)
   assert pruned.config.prune.keep_zeros and pruned.meta['source']['pattern'] == 'unstructured'
   masks = load_file(os.path.join(out, prune.MASK_FILE))
@@ -147,7 +150,7 @@ def test_prune_writes_a_run_with_exact_zeros_and_masks(random_run, tmp_path, cap
   after = checkpoint.flatten_params(pruned.params)
   for name, value in after.items():
     if name in masks:
-      assert masks[name].mean() == 0.5
+      assert masks[name].mean() == 0.5 or scope == 'global'
       np.testing.assert_array_equal(np.asarray(value)[~masks[name]], 0.0)
       np.testing.assert_array_equal(np.asarray(value)[masks[name]],
                                     np.asarray(before[name])[masks[name]])
@@ -155,6 +158,19 @@ def test_prune_writes_a_run_with_exact_zeros_and_masks(random_run, tmp_path, cap
       np.testing.assert_array_equal(value, before[name])
   counts = sparsity.count(pruned.params)
   assert counts['prunable_zeros'] == sum(m.size - m.sum() for m in masks.values())
+  assert sum(m.sum() for m in masks.values()) * 2 == sum(m.size for m in masks.values())
+
+
+def test_a_run_from_before_pruning_existed_prunes(random_run, tmp_path, capsys):
+  """A config.json without the prune section (trained before it) still loads."""
+  old = tmp_path / 'old'
+  shutil.copytree(random_run[0], old)
+  config = json.loads((old / 'config.json').read_text())
+  del config['prune']
+  (old / 'config.json').write_text(json.dumps(config))
+  assert _cli([f'--workdir={old}', f'--out={tmp_path / "pruned"}', '--pattern=2:4',
+               '--targets=blocks/0/mlp/up'], capsys)[0] == 0
+  assert workdir_lib.load(str(tmp_path / 'pruned')).config.prune.keep_zeros
 
 
 @pytest.mark.parametrize('args, message', [

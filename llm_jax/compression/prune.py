@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
+from llm_jax.core.configuration import base_config
 from llm_jax.core.errors import UserError
 from llm_jax.model import lora
 from llm_jax.model import transformer as model_lib
@@ -105,7 +106,7 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def unstructured_masks(kernels: dict, share: float, scope: str) -> dict[str, np.ndarray]:
-  if scope == 'layer':
+  if scope == 'layer' or not kernels:
     return {k: _smallest(np.abs(w), round(share * w.size)) for k, w in kernels.items()}
   names = list(kernels)
   scores = np.concatenate([np.abs(kernels[k]).ravel() for k in names])
@@ -147,9 +148,24 @@ def plain_params(run) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
+def _fill_missing(config, base) -> None:
+  """Adds the keys of ``base`` that ``config`` lacks, section by section."""
+  for key in base.keys():
+    if key not in config:
+      config[key] = ml_collections.ConfigDict(base[key].to_dict()) if hasattr(
+          base[key], 'keys') else base[key]
+    elif hasattr(base[key], 'keys'):
+      _fill_missing(config[key], base[key])
+
+
 def derived_config(run, out: str, **model_changes) -> ml_collections.ConfigDict:
-  """The source's config for a run derived from it (no adapters, no init_from)."""
+  """The source's config for a run derived from it (no adapters, no init_from).
+
+  Keys added to configs/base.py since the source was trained (its
+  config.json lacks them) get their defaults.
+  """
   config = ml_collections.ConfigDict(run.config.to_dict())
+  _fill_missing(config, base_config())
   config.name = os.path.basename(os.path.abspath(out))
   config.init_from = ''
   config.lora.rank = 0

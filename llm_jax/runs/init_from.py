@@ -129,7 +129,7 @@ def init_state(trainer, init_from: str):
   # prune.keep_zeros it records which of them are zero (training/sparsity.py).
   opt_state = jax.jit(trainer.tx.init,
                       out_shardings=trainer.state_shardings.opt_state)(params)
-  if trainer.config.prune.keep_zeros:
+  if sparsity.keeps_zeros(trainer.config):
     metrics.say(f'prune.keep_zeros: {sparsity.count(params)["prunable_zeros"]:,} '
                 'zero kernel weights stay zero.')
   state = state.replace(params=params, opt_state=opt_state)
@@ -163,8 +163,7 @@ def config_from(init_from: str, base=None, *, with_template: bool = False):
     if key in source.model:
       config.model[key] = source.model[key]
   # A pruned source keeps its zeros (python -m llm_jax.prune sets this).
-  if 'prune' in source:
-    config.prune.keep_zeros = bool(source.prune.keep_zeros)
+  config.prune.keep_zeros = sparsity.keeps_zeros(source)
   if source.model.position == 'learned' or source.data.seq_len < config.data.seq_len:
     config.data.seq_len = source.data.seq_len
   if with_template and 'sft' in source:

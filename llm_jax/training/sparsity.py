@@ -47,6 +47,11 @@ def is_prunable(name: str) -> bool:
              for p in PRUNABLE)
 
 
+def keeps_zeros(config) -> bool:
+  """Whether ``config`` asks for ``keep_zeros`` (runs older than pruning do not)."""
+  return 'prune' in config and bool(config.prune.keep_zeros)
+
+
 class KeepState(NamedTuple):
   """``keep_zeros``'s state: the wrapped optimizer's, and the keep masks."""
   inner: Any

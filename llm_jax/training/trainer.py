@@ -149,7 +149,7 @@ def make_tx(config) -> optax.GradientTransformation:
   tx = optim.make_optimizer(config.optim, config.train.steps)
   if lora.enabled(config):  # Only the adapters are trained (and have state).
     tx = lora.optimizer(tx)
-  if config.prune.keep_zeros:
+  if sparsity.keeps_zeros(config):
     tx = sparsity.keep_zeros(tx)
   return tx
 
@@ -224,7 +224,7 @@ def check_config(config) -> None:
 
 def _check_train_config(config, mesh) -> None:
   """Refuses train settings that cannot work, before anything is compiled."""
-  if config.prune.keep_zeros and lora.enabled(config):
+  if sparsity.keeps_zeros(config) and lora.enabled(config):
     raise UserError('prune.keep_zeros and LoRA (lora.rank > 0) do not go together: '
                     'LoRA leaves the pruned kernels frozen anyway, and merging its '
                     'adapters would fill them in. Turn one off.')
