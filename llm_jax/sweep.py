@@ -80,9 +80,20 @@ def _main(argv: list[str]) -> dict:
     return result
   config = cli.load_config(_CONFIG, FLAGS) if FLAGS['config'].present else None
   given = {name: (f.value if FLAGS[f.name].present else None) for name, f in _RECORDED.items()}
-  given['config_args'] = [a for a in argv if a.startswith('--config')]
+  given['config_args'] = _config_args(argv)
   return worker.run(_STUDY.value, given, config, storage=_STORAGE.value,
                     study_name=_STUDY_NAME.value, trials=_TRIALS.value)
+
+
+def _config_args(argv: list[str]) -> list[str]:
+  """The --config flags as given (for the record and the best config's command)."""
+  out = []
+  for i, a in enumerate(argv):
+    if a == '--config' or (a.startswith('--config.') and '=' not in a):
+      out.append(f'{a}={argv[i + 1]}' if i + 1 < len(argv) else a)  # --flag VALUE
+    elif a.startswith(('--config=', '--config.')):
+      out.append(a)
+  return out
 
 
 def main(argv: list[str] | None = None) -> dict:
