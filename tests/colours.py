@@ -73,3 +73,19 @@ def exact_answer(prompt, completion, row) -> float:
   """1 if the completion is the answer (surrounding space aside), else 0."""
   del prompt
   return float(completion.strip() == row['answer'])
+
+
+def length_reward(prompt, completion, row) -> float:
+  """A reward that varies between samples (tests of mechanics, not learning)."""
+  del prompt, row
+  return len(completion) / 10.0
+
+
+def raising_reward(prompt, completion, row) -> float:
+  del prompt, completion
+  return 1.0 / len(row['no_such_field'])
+
+
+def nan_reward(prompt, completion, row) -> float:
+  del prompt, completion, row
+  return float('nan')

@@ -25,9 +25,10 @@ from llm_jax.core.configuration import check_keys
 from llm_jax.core.errors import UserError
 from llm_jax.data import masking, pipeline, preference, sft, shards
 from llm_jax.evaluation import tasks
+from llm_jax.inference import rollouts as rollouts_lib
 from llm_jax.runs import init_from as init_from_lib
 from llm_jax.runs import workdir as workdir_lib
-from llm_jax.training import checkpoint, loop, metrics, sharding, trainer
+from llm_jax.training import checkpoint, loop, metrics, objectives, sharding, trainer
 
 
 def _write_config(config, workdir: str) -> None:
@@ -164,6 +165,7 @@ class _Inputs:
   # shards.PreparedData, sft.SftData, preference.PreferenceData or PromptData.
   data: Any
   masker: masking.Masker | None  # Encoders: masked LM from (seed, step).
+  reward: Any = None  # GRPO: rollouts.FunctionReward or ModelReward.
 
   @classmethod
   def prepare(cls, config) -> '_Inputs':
@@ -172,6 +174,9 @@ class _Inputs:
       return cls(config, sft.prepare(config, log=metrics.say), None)
     if config.data.source == 'preference':  # Reward model, DPO, ORPO: pairs.
       return cls(config, preference.prepare(config, log=metrics.say), None)
+    if config.data.source == 'prompts':  # GRPO: completions sampled per step.
+      data = preference.prepare_prompts(config, log=metrics.say)
+      return cls(config, data, None, _reward_source(config, data.tokenizer))
     data = shards.prepare(config, log=metrics.say)
     masker = None
     if config.model.kind == 'encoder':
@@ -182,8 +187,34 @@ class _Inputs:
 
   @property
   def is_sft(self) -> bool:
-    """Conversations (SFT rows, preference pairs): the data serves its batches."""
-    return isinstance(self.data, (sft.SftData, preference.PreferenceData))
+    """Conversations (SFT rows, pairs, prompts): the data serves its batches."""
+    return isinstance(self.data, (sft.SftData, preference.PreferenceData,
+                                  preference.PromptData))
+
+  @property
+  def is_rollouts(self) -> bool:
+    return isinstance(self.data, preference.PromptData)
+
+  def rollouts(self, tr, start: int) -> rollouts_lib.Rollouts:
+    """GRPO's batch server from step ``start``, sampling with ``tr``'s shardings."""
+    c, hosts = self.config, _hosts()
+    rows = c.train.batch_size // hosts['process_count']
+    if rows % c.rl.num_generations:
+      raise UserError(f'train.batch_size={c.train.batch_size} counts completions: each '
+                      f'host\'s share ({rows}) must be a multiple of '
+                      f'rl.num_generations={c.rl.num_generations}.')
+    graphdef = tr.unrolled(tr.abstract_state().params)[1]
+    sampler = rollouts_lib.make_sampler(
+        graphdef, lambda p: tr.unrolled(p)[2], tr.state_shardings.params,
+        tr.batch_sharding, width=c.rl.max_new_tokens,
+        stop_ids=(self.data.tokenizer.eos_id,), pad_id=max(self.data.tokenizer.pad_id, 0),
+        temperature=c.rl.temperature)
+    tail = c.sft.template.split('{content}')[1]
+    return rollouts_lib.Rollouts(
+        prompts=self.data.train, val_prompts=self.data.val, tokenizer=self.data.tokenizer,
+        sampler=sampler, reward=self.reward, group=c.rl.num_generations, rows=rows,
+        seq_len=c.data.seq_len, max_new_tokens=c.rl.max_new_tokens, seed=c.seed,
+        step=start, template_tail=tail, eval_prompts=c.rl.eval_prompts, **hosts)
 
   def _windows(self, paths):
     return pipeline.TokenWindows(paths, self.data.manifest['dtype'],
@@ -196,6 +227,8 @@ class _Inputs:
   def eval_batches(self) -> list[dict]:
     kw = dict(global_batch=self.config.train.batch_size,
               num_batches=self.config.train.eval_batches, **_hosts())
+    if self.is_rollouts:  # Held-out prompts are scored by Rollouts.evaluate.
+      return []
     if self.is_sft:  # data.sft.SftData serves its own batches.
       return self.data.eval_batches(**kw)
     batches = pipeline.eval_batches(self._windows(self.data.val_shards), **kw)
@@ -212,6 +245,27 @@ class _Inputs:
   def val_bytes_per_token(self) -> float:
     """UTF-8 bytes per validation token (0 for SFT): evals add bits per byte."""
     return 0.0 if self.is_sft else self.data.manifest['splits']['val']['bytes_per_token']
+
+
+def _reward_source(config, tokenizer):
+  """GRPO's reward: ``rl.reward`` (a function) or ``rl.reward_model`` (a run)."""
+  rl = config.rl
+  if bool(rl.reward) == bool(rl.reward_model):
+    raise UserError('objective=grpo needs one reward: set --config.rl.reward='
+                    'module:function or --config.rl.reward_model=RUN (not both).')
+  if rl.reward:
+    return rollouts_lib.FunctionReward.load(rl.reward)
+  run = workdir_lib.load(rl.reward_model)
+  if objectives.objective_of(run.config) != 'reward':
+    raise UserError(f'rl.reward_model={rl.reward_model} is not a reward model (its '
+                    f'objective is {objectives.objective_of(run.config)!r}); train one '
+                    'with configs/reward.py.')
+  if run.tokenizer is None or run.tokenizer.sha256 != tokenizer.sha256:
+    raise UserError(f'rl.reward_model={rl.reward_model} reads another tokenizer than '
+                    f'the policy ({tokenizer.path}): its ids would mean other text. '
+                    'Train the reward model from the same SFT run '
+                    '(configs/reward.py:RUN).')
+  return rollouts_lib.ModelReward.from_run(rl.reward_model, run)
 
 
 _SOURCES = {'reward': 'preference', 'dpo': 'preference', 'orpo': 'preference',
@@ -280,7 +334,11 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
       val_bytes_per_token=inputs.val_bytes_per_token(), on_eval=on_eval)
   if config.train.eval_tasks and not inputs.is_sft:
     io.extra_eval = tasks.loop_task_eval(config, tr, inputs.data.tokenizer)
-  batches = inputs.train_batches(start)
+  if inputs.is_rollouts:  # GRPO: each step's batch is sampled from its state.
+    batches = inputs.rollouts(tr, start)
+    io.extra_eval = batches.evaluate
+  else:
+    batches = inputs.train_batches(start)
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({inputs.num_windows():,} windows per epoch).')
   try:
