@@ -3,6 +3,7 @@
 import glob
 import hashlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -381,3 +382,53 @@ def test_a_full_disk_is_one_line_without_orbax_tracebacks(tmp_path, tiny_config,
   orbax = [r for r in caplog.records if '/orbax/' in r.pathname and r.levelno >= 40]
   assert not orbax, [r.getMessage()[:200] for r in orbax]
   assert (disk / 'run' / 'checkpoints' / '5' / 'commit_success.txt').exists()
+
+
+def _kill_after(proc, step_lines: int, ckpts, *, mid_save: bool, delay: float) -> str:
+  """kill -9 once ``step_lines`` progress lines are out and a checkpoint is whole.
+
+  With ``mid_save``, waits for a save in flight (Orbax's temporary directory)
+  and kills during it. Returns what the process printed.
+  """
+  lines, seen = [], 0
+  for line in proc.stdout:
+    lines.append(line)
+    seen += bool(re.match(r'step +\d+/', line))
+    if seen >= step_lines and any(p.joinpath('commit_success.txt').exists()
+                                  for p in ckpts.glob('[0-9]*')):
+      break
+  deadline = time.monotonic() + 5
+  while mid_save and time.monotonic() < deadline and not any(
+      'orbax-checkpoint-tmp' in p.name for p in ckpts.iterdir()):
+    time.sleep(0.001)
+  time.sleep(delay)
+  if mid_save:
+    assert any('orbax-checkpoint-tmp' in p.name for p in ckpts.iterdir()), 'no save in flight'
+  proc.kill()
+  proc.wait(timeout=60)
+  return ''.join(lines)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_changes_nothing(tmp_path):
+  """Three kill -9s (one during a save, every step saving), then a rerun to the
+  end: params, Adam moments, step and RNG equal an uninterrupted run's, bit for bit."""
+  cache, steps = tmp_path / 'cache', 30
+  common = (f'--config.train.steps={steps}', '--config.checkpoint.every=1',
+            '--config.checkpoint.keep=2')
+  straight = cli(tmp_path / 'a', cache, *common)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  rng = random.Random(19)  # Random moments, the same ones on every run of the test.
+  run = tmp_path / 'b'
+  for attempt in range(3):
+    proc = cli(run, cache, *common, popen=True)
+    out = _kill_after(proc, rng.randint(2, 6), run / 'checkpoints', mid_save=attempt == 0,
+                      delay=0 if attempt == 0 else rng.uniform(0, 0.1))
+    if attempt:
+      assert 'Resuming from the checkpoint at step' in out, out[-2000:]
+  final = cli(run, cache, *common)
+  assert final.returncode == 0, final.stderr[-3000:]
+  resumed = int(re.search(r'Resuming from the checkpoint at step (\d+)', final.stdout)[1])
+  assert 0 < resumed < steps, final.stdout[-2000:]
+  chex.assert_trees_all_equal(workdir_lib.load_state(str(tmp_path / 'a'), steps),
+                              workdir_lib.load_state(str(run), steps))

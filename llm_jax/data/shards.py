@@ -8,6 +8,7 @@ by content, shared by runs::
   <cache>/shards/<key>/tokenizer.model       (a copy: the dir is self-contained)
   <cache>/shards/<key>/train-00000-of-00001.bin
   <cache>/shards/<key>/val-00000-of-00001.bin
+  <cache>/locks/shards-<key>.lock            held while that entry is built
 
 A shard is the raw little-endian token ids of whole documents, each followed
 by ``eos_id``. A shard directory is built under a temporary name and renamed
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
 TOKENIZER_FILE = 'tokenizer.model'
 MAX_SHARD_TOKENS = 64 * 2**20  # Tokens per shard file (128 MiB as uint16).
+LOCKS_DIR = 'locks'  # <cache>/locks/: one lock file per entry being built.
 # Documents are encoded in groups of about this many characters: big enough
 # for the encoder's threads, small enough that the Python int lists stay small.
 _ENCODE_CHUNK_CHARS = 4_000_000
@@ -130,7 +132,7 @@ def prepare(config, log: Log = logging.info) -> PreparedData:
   out_dir = os.path.join(root, 'shards', key[:16])
   # One process builds a cache entry at a time; another preparing the same
   # data waits, then finds it whole (a valid entry is never replaced).
-  with files.FileLock(out_dir + '.lock'):
+  with files.FileLock(os.path.join(root, LOCKS_DIR, f'shards-{key[:16]}.lock')):
     cached = _load_cached(out_dir, key)
     if cached is not None:
       log(f'Using cached token shards at {out_dir} ({cached.train_tokens:,} '
@@ -209,7 +211,7 @@ def _get_tokenizer(config, train_docs: list[str], root: str,
                           **_tokenizer_settings(config.tokenizer,
                                                 _extra_symbols(config))))
   prefix = os.path.join(root, 'tokenizers', key[:16], 'tokenizer')
-  with files.FileLock(os.path.dirname(prefix) + '.lock'):  # As for the shards.
+  with files.FileLock(os.path.join(root, LOCKS_DIR, f'tokenizer-{key[:16]}.lock')):
     if os.path.exists(prefix + '.model'):
       try:
         tok = tokenizer_lib.Tokenizer.load(prefix + '.model')

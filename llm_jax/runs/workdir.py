@@ -165,8 +165,30 @@ def load(workdir: str, step: int | None = None) -> Run:
     UserError: not a run directory, no complete checkpoint, or the checkpoint
       does not fit the config.
   """
-
   workdir = workdir if '://' in workdir else os.path.abspath(workdir)
+  config, tr, state, step, meta = _restore(workdir, step)
+  # Layer by layer from here on (decode, export and conversion walk blocks/0,
+  # blocks/1, ...), even if the run scanned over stacked layers.
+  model_cfg, graphdef, params = tr.unrolled(state.params)
+  ref_params = None if state.ref_params is None else tr.unrolled(state.ref_params)[2]
+  return Run(workdir=workdir, config=config, model_cfg=model_cfg,
+             graphdef=graphdef, params=params,
+             tokenizer=load_tokenizer(workdir), step=step, meta=meta,
+             ref_params=ref_params)
+
+
+def load_state(workdir: str, step: int | None = None) -> steps.TrainState:
+  """The whole train state of a checkpoint, on one device, as it was trained.
+
+  Parameters, optimizer state, step and RNG: what a resume continues from
+  (the tests compare these bit for bit across interrupted runs).
+  """
+  workdir = workdir if '://' in workdir else os.path.abspath(workdir)
+  return _restore(workdir, step)[2]
+
+
+def _restore(workdir: str, step: int | None):
+  """(config, one-device trainer, TrainState, step, meta) of a checkpoint."""
   config = read_config(workdir)
   step = latest_step(workdir) if step is None else step
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINTS_DIR),
@@ -192,14 +214,7 @@ def load(workdir: str, step: int | None = None) -> Run:
                       f'load into the model its config.json describes ({first}).') from None
   finally:
     ckpt.close()
-  # Layer by layer from here on (decode, export and conversion walk blocks/0,
-  # blocks/1, ...), even if the run scanned over stacked layers.
-  model_cfg, graphdef, params = tr.unrolled(state.params)
-  ref_params = None if state.ref_params is None else tr.unrolled(state.ref_params)[2]
-  return Run(workdir=workdir, config=config, model_cfg=model_cfg,
-             graphdef=graphdef, params=params,
-             tokenizer=load_tokenizer(workdir), step=step, meta=meta,
-             ref_params=ref_params)
+  return config, tr, state, step, meta
 
 
 def require_tokenizer(run):
