@@ -31,6 +31,9 @@ flags.DEFINE_enum('quantize', 'none', ['none', 'int8', 'int4'],
                   'scales, two weights a byte).', flag_values=FLAGS)
 flags.DEFINE_integer('group_size', 64, 'With --quantize=int4: inputs per scale '
                      '(even; e.g. 64 or 128).', flag_values=FLAGS)
+flags.DEFINE_bool('int4_embeddings', False, 'With --quantize=int4: the embedding '
+                  'tables and LM head in int4 too (default int8: they cost most of '
+                  "int4's perplexity loss).", flag_values=FLAGS)
 flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most new tokens a '
                      'request can get (capped at the context).', lower_bound=1,
                      flag_values=FLAGS)
@@ -67,7 +70,7 @@ def _ints(name: str, values: list[str]) -> list[int]:
 def _main() -> dict:
   return saved_model.export(
       FLAGS.workdir, FLAGS.out, step=FLAGS.step, quantize=FLAGS.quantize,
-      group_size=FLAGS.group_size,
+      group_size=FLAGS.group_size, int4_embeddings=FLAGS.int4_embeddings,
       max_new_tokens=FLAGS.max_new_tokens,
       batch_buckets=_ints('batch_buckets', FLAGS.batch_buckets),
       prompt_buckets=_ints('prompt_buckets', FLAGS.prompt_buckets) or None,

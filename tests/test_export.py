@@ -278,9 +278,10 @@ def test_int4_export_is_smaller_and_answers_like_its_jax_twin(exported, tmp_path
   info = export.export(run.workdir, q_out, quantize='int4', group_size=32,
                        max_new_tokens=WIDTH, platforms=('cpu',), batch_buckets=(1,),
                        eval_batches=2, log=lambda *_: None)
-  # 4 bits a weight plus a float32 scale per 32 (norms stay float32).
-  assert info['param_bytes'] < 0.2 * info['param_bytes_float32']
-  assert info['int4_group_size'] == 32
+  # Blocks: 4 bits a weight plus a float32 scale per 32; the embedding and
+  # LM head (57% of this tiny model) int8; norms float32.
+  assert info['param_bytes'] < 0.23 * info['param_bytes_float32']
+  assert info['int4_group_size'] == 32 and not info['int4_embeddings']
   formats = info['formats']
   assert (formats['int4']['param_bytes'] == info['param_bytes'] <
           formats['int8']['param_bytes'] < formats['float32']['param_bytes'])

@@ -32,7 +32,8 @@ def _params(seed=0):
 @pytest.mark.parametrize('group', [64, 16, 128])
 def test_int4_error_is_at_most_half_a_step_of_its_group(group):
   tree, flat = _params()
-  specs, arrays, treedef = quantize.flatten_params(tree, 'int4', group)
+  specs, arrays, treedef = quantize.flatten_params(tree, 'int4', group,
+                                                   int4_embeddings=True)
   restored = quantize.unflatten_params(specs, arrays, treedef)
   stored = iter(arrays)
   for spec in specs:
@@ -60,9 +61,27 @@ def test_int4_error_is_at_most_half_a_step_of_its_group(group):
 
 def test_int4_is_about_a_seventh_of_float32_and_half_of_int8():
   tree, _ = _params()
-  sizes = {q: quantize.param_bytes(tree, q, 64) for q in quantize.FORMATS}
+  sizes = {q: quantize.param_bytes(tree, q, 64, int4_embeddings=True)
+           for q in quantize.FORMATS}
   assert 0.13 < sizes['int4'] / sizes['none'] < 0.2, sizes
   assert 0.5 < sizes['int4'] / sizes['int8'] < 0.65, sizes
+  # By default the embedding table stays int8: in between.
+  mixed = quantize.param_bytes(tree, 'int4', 64)
+  table = 100 * 64
+  assert mixed - sizes['int4'] == table - table // 2  # One scale a row either way.
+
+
+def test_int4_keeps_embeddings_and_the_lm_head_int8_by_default():
+  tree, flat = _params()
+  tree['lm_head'] = {'kernel': flat['blocks/0/mlp/down/kernel'].T.copy()}
+  specs, arrays, treedef = quantize.flatten_params(tree, 'int4', 64)
+  bits = {s.name: s.bits for s in specs if s.reduce_axes is not None}
+  assert bits.pop('embed/table') == 8 and bits.pop('lm_head/kernel') == 8
+  assert set(bits.values()) == {4}
+  restored = quantize.unflatten_params(specs, arrays, treedef)
+  q, scale = quantize.quantize_int8(flat['embed/table'], (1,))
+  np.testing.assert_array_equal(np.asarray(restored['embed']['table']),
+                                q.astype(np.float32) * scale)
 
 
 def test_int4_needs_an_even_group():

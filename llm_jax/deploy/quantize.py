@@ -10,7 +10,10 @@ ways:
   of each output channel (the same axes, cut into groups): two weights per
   byte, packed as ``(q_even + 8) | (q_odd + 8) << 4`` in a uint8, so every
   TensorFlow runtime (TF Serving, the Go client) reads them as plain bytes
-  and the SavedModel unpacks them with integer ops inside the graph.
+  and the SavedModel unpacks them with integer ops inside the graph. The
+  embedding tables and the LM head stay int8 unless ``int4_embeddings``: on
+  configs/base.py they held 62% of int4's perplexity cost for a quarter of
+  the weights (docs/compression.md).
 
 Both are symmetric and keep zero exact (a pruned weight stays zero): int8
 rounds ``w / scale`` to -127..127 with ``scale = amax / 127``, int4 to -7..7
@@ -116,7 +119,13 @@ def dequantize_int4(packed, scale_gC, spec: Leaf):
   return jnp.moveaxis(w, tuple(range(len(axes))), axes)
 
 
-def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP
+def _is_embedding(name: str) -> bool:
+  """The token and position tables and the LM head (tied or not)."""
+  return name.split('/')[-1] == 'table' or name.startswith('lm_head/')
+
+
+def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
+                   int4_embeddings: bool = False
                    ) -> tuple[list[Leaf], list[np.ndarray], Any]:
   """(leaf specs, the flat arrays to store, the treedef to rebuild params).
 
@@ -124,6 +133,8 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP
     params: a pure dict of float32 parameters.
     quantize: 'none', 'int8' or 'int4' (``FORMATS``).
     group_size: int4 inputs per scale; even, at least 2.
+    int4_embeddings: with int4, the embedding tables and LM head too
+      (otherwise int8).
   """
   if quantize not in FORMATS:
     raise UserError(f'--quantize={quantize!r}: use one of {", ".join(FORMATS)}.')
@@ -139,7 +150,7 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP
     if axes is None:
       specs.append(Leaf(name, value.shape, None))
       arrays.append(value)
-    elif quantize == 'int8':
+    elif quantize == 'int8' or (_is_embedding(name) and not int4_embeddings):
       specs.append(Leaf(name, value.shape, axes))
       arrays.extend(quantize_int8(value, axes))
     else:
@@ -164,15 +175,18 @@ def unflatten_params(specs: Sequence[Leaf], arrays, treedef):
   return treedef.unflatten(leaves)
 
 
-def dequantized(params, quantize: str, group_size: int = DEFAULT_GROUP):
+def dequantized(params, quantize: str, group_size: int = DEFAULT_GROUP,
+                int4_embeddings: bool = False):
   """``params`` after a round trip through ``quantize`` (numpy float32)."""
-  return jax.tree.map(np.asarray, unflatten_params(*flatten_params(params, quantize,
-                                                                   group_size)))
+  return jax.tree.map(np.asarray, unflatten_params(*flatten_params(
+      params, quantize, group_size, int4_embeddings)))
 
 
-def param_bytes(params, quantize: str, group_size: int = DEFAULT_GROUP) -> int:
+def param_bytes(params, quantize: str, group_size: int = DEFAULT_GROUP,
+                int4_embeddings: bool = False) -> int:
   """Bytes the stored arrays of ``params`` take in ``quantize``."""
-  return int(sum(a.nbytes for a in flatten_params(params, quantize, group_size)[1]))
+  return int(sum(a.nbytes for a in flatten_params(params, quantize, group_size,
+                                                  int4_embeddings)[1]))
 
 
 def perplexities(run, candidates: dict, num_batches: int) -> dict:
@@ -200,16 +214,19 @@ def perplexities(run, candidates: dict, num_batches: int) -> dict:
   return result
 
 
-def compare_formats(run, num_batches: int, group_size: int = DEFAULT_GROUP) -> dict:
+def compare_formats(run, num_batches: int, group_size: int = DEFAULT_GROUP,
+                    int4_embeddings: bool = False) -> dict:
   """Stored parameter bytes and validation perplexity of float32, int8 and int4.
 
   Returns ``{'float32'|'int8'|'int4': {'param_bytes', 'perplexity'}, 'tokens',
-  'int4_group_size'}``.
+  'int4_group_size', 'int4_embeddings'}``.
   """
   names = {'float32': 'none', 'int8': 'int8', 'int4': 'int4'}
+  kw = dict(group_size=group_size, int4_embeddings=int4_embeddings)
   ppl = perplexities(run, {name: (run.params if q == 'none' else
-                                  dequantized(run.params, q, group_size))
+                                  dequantized(run.params, q, **kw))
                            for name, q in names.items()}, num_batches)
-  out = {name: {'param_bytes': param_bytes(run.params, q, group_size),
+  out = {name: {'param_bytes': param_bytes(run.params, q, **kw),
                 'perplexity': ppl[name]} for name, q in names.items()}
-  return {**out, 'tokens': ppl['tokens'], 'int4_group_size': group_size}
+  return {**out, 'tokens': ppl['tokens'], 'int4_group_size': group_size,
+          'int4_embeddings': int4_embeddings}

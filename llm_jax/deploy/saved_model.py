@@ -303,7 +303,7 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
 
 
 def export(workdir: str, out: str, *, step: int | None = None, quantize: str = 'none',
-           group_size: int = quantize_lib.DEFAULT_GROUP,
+           group_size: int = quantize_lib.DEFAULT_GROUP, int4_embeddings: bool = False,
            max_new_tokens: int = 128, batch_buckets: Sequence[int] = (1, 4, 8),
            prompt_buckets: Sequence[int] | None = None,
            platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
@@ -343,7 +343,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   width = max(1, min(max_new_tokens, cfg.max_len - 1))
   prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
   t0 = time.time()
-  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize, group_size)
+  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize, group_size,
+                                                       int4_embeddings)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
                     if run.tokenizer is not None and text_signature else None)
   stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
@@ -355,7 +356,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
     tf.saved_model.save(module, tmp, signatures=signatures)
     info = {
         'workdir': run.workdir, 'step': run.step, 'quantize': quantize,
-        **({'int4_group_size': group_size} if quantize == 'int4' else {}),
+        **({'int4_group_size': group_size, 'int4_embeddings': int4_embeddings}
+           if quantize == 'int4' else {}),
         'max_new_tokens': width, 'max_len': cfg.max_len,
         'vocab_size': cfg.vocab_size, 'platforms': list(platforms),
         'stop_ids': list(stop_ids), 'batch_buckets': list(batch_buckets),
@@ -379,7 +381,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
                      batch_buckets, prompt_buckets, cfg.max_len, fill)
                   if sig != TEXT_SIGNATURE or tokenizer_path is not None))
     if quantize != 'none' and eval_batches > 0:
-      formats = quantize_lib.compare_formats(run, eval_batches, group_size)
+      formats = quantize_lib.compare_formats(run, eval_batches, group_size,
+                                             int4_embeddings)
       info['formats'] = formats
       info['perplexity'] = {**{k: formats[k]['perplexity']
                                for k in ('float32', 'int8', 'int4')},
