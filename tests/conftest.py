@@ -101,3 +101,97 @@ def stop_with_signal(proc, line_prefix: str, signum: int) -> tuple[int, str]:
   stopped = [l for l in out.splitlines() if l.startswith('Stopped at step')]
   assert stopped, out[-2000:]
   return int(stopped[0].split()[3]), out
+
+
+@pytest.fixture
+def command_status():
+  """Runs a command's ``main(args)`` in this process; returns its exit status."""
+
+  def run(main, args: list[str]) -> int:
+    try:
+      main(args)
+    except SystemExit as e:
+      return e.code
+    return 0
+
+  return run
+def _run_quietly(*args) -> bool:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  return subprocess.run(args, capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A factory: ``small_disk(megabytes)`` mounts a tmpfs of that size and returns it.
+
+  Needs root (CAP_SYS_ADMIN), which CI has; the test is skipped elsewhere.
+  """
+  mounts = []
+
+  def make(megabytes: int):
+    path = tmp_path / f'disk{len(mounts)}'
+    path.mkdir()
+    if not _run_quietly('mount', '-t', 'tmpfs', '-o', f'size={megabytes}m', 'tmpfs',
+                        str(path)):
+      pytest.skip('cannot mount a small tmpfs here (needs root)')
+    mounts.append(path)
+    return path
+
+  yield make
+  for path in mounts:
+    _run_quietly('umount', '-l', str(path))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+  """A factory: ``read_only(path)`` makes a directory unwritable for this process.
+
+  Not root: chmod 0555. Root ignores permissions, so the directory is bound
+  read-only onto itself instead (skipped where that is not allowed).
+  """
+  undo = []
+
+  def make(path):
+    path = str(path)
+    if os.geteuid() != 0:
+      os.chmod(path, 0o555)
+      undo.append(lambda: os.chmod(path, 0o755))
+    elif _run_quietly('mount', '--bind', path, path):
+      undo.append(lambda: _run_quietly('umount', '-l', path))
+      if not _run_quietly('mount', '-o', 'remount,bind,ro', path):
+        pytest.skip('cannot make a directory read-only for root here')
+    else:
+      pytest.skip('cannot make a directory read-only for root here')
+
+  yield make
+  for fn in reversed(undo):
+    fn()
+
+
+@pytest.fixture(scope='session')
+def colour_sft_run(tmp_path_factory):
+  """The workdir of the tiny model SFT'd on noisy colour answers (tests/colours.py).
+
+  40% of the SFT answers name the wrong colour, so the model prefers the
+  right one only somewhat: room for a reward model, DPO and GRPO to show
+  what they add. 150 steps of 16 x 64 tokens (about 90 s on 2 cores).
+  """
+  import colours  # pylint: disable=g-import-not-at-top
+  from llm_jax.core import configuration  # pylint: disable=g-import-not-at-top
+  from llm_jax import train  # pylint: disable=g-import-not-at-top
+  from llm_jax.data import shards  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('colours')
+  tiny = configuration.load_preset('tiny')
+  tiny.data.cache_dir = str(root / 'cache')
+  tiny.data.max_documents = 120
+  tokenizer = shards.prepare(tiny, log=lambda *_: None).tokenizer
+  c = configuration.load_preset('sft')
+  c.model = tiny.model
+  c.data.update(paths=colours.write_sft(root / 'sft.jsonl', n=400, noise=0.4),
+                seq_len=64, val_fraction=0.1, cache_dir=tiny.data.cache_dir)
+  c.tokenizer.path = tokenizer.path
+  c.optim.update(learning_rate=3e-3, warmup_steps=5)
+  c.train.update(steps=150, batch_size=16, eval_every=0, eval_batches=4, num_samples=0)
+  c.checkpoint.every = 150
+  train.run(c, str(root / 'sft'))
+  return str(root / 'sft')

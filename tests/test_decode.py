@@ -1,4 +1,4 @@
-"""Tests of llm_jax/decode.py: the KV cache against full recompute, padding, sampling."""
+"""Tests of llm_jax/inference/decode.py: the KV cache against full recompute, padding, sampling."""
 
 import jax
 import numpy as np

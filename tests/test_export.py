@@ -1,4 +1,4 @@
-"""Tests of llm_jax/export.py: the SavedModel returns what llm_jax.generate returns.
+"""Tests of llm_jax/deploy/saved_model.py: the SavedModel returns what llm_jax.generate returns.
 
 One tiny run is trained and exported once for the module; the SavedModel is
 read back with TF2's ``tf.saved_model.load`` and with the TF1 session loader
@@ -272,6 +272,38 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
   np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
 
 
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_int4_export_is_smaller_and_answers_like_its_jax_twin(exported, tmp_path):
+  run, out = exported
+  q_out = str(tmp_path / 'int4')
+  info = export.export(run.workdir, q_out, quantize='int4', group_size=32,
+                       max_new_tokens=WIDTH, platforms=('cpu',), batch_buckets=(1,),
+                       eval_batches=2, log=lambda *_: None)
+  # 4 bits a weight plus a float32 scale per 32 (norms stay float32).
+  assert info['param_bytes'] < 0.2 * info['param_bytes_float32']
+  assert info['int4_group_size'] == 32
+  formats = info['formats']
+  assert (formats['int4']['param_bytes'] == info['param_bytes'] <
+          formats['int8']['param_bytes'] < formats['float32']['param_bytes'])
+  ppl = info['perplexity']
+  assert abs(ppl['int4'] / ppl['float32'] - 1) < 0.1, ppl
+  # The in-graph unpacking gives the tokens of the dequantised JAX params.
+  specs, arrays, treedef = quantize.flatten_params(run.params, 'int4', 32)
+  deq = quantize.unflatten_params(specs, arrays, treedef)
+  prompts = [run.tokenizer.encode(p) or [run.tokenizer.eos_id] for p in PROMPTS[:3]]
+  tokens, lengths = decode.left_pad(prompts, 16, 0)
+  want = decode.decode_jit(deq, tokens, lengths, 10, 0.0, 0, 1.0, 0,
+                           graphdef=run.graphdef, width=WIDTH,
+                           stop_ids=decode.stop_ids(run), pad_id=decode.pad_id_of(run))
+  loaded = tf.saved_model.load(q_out)
+  got = loaded.signatures['serving_default'](
+      tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+      **{k: tf.constant(v) for k, v in _scalars(max_new=10).items()})
+  np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
+  np.testing.assert_array_equal(got['counts'].numpy(), np.asarray(want[1]))
+  assert any(v.dtype == tf.uint8 for v in loaded.params)  # Packed nibbles.
+
+
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'config.json').write_text('{}')
@@ -285,6 +317,26 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'no complete checkpoint' in proc.stderr
+
+
+def test_export_over_its_own_run_is_refused_and_the_run_kept(tmp_path):
+  """The defect: --out=RUN --overwrite once deleted the run it exported."""
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '20').mkdir(parents=True)
+  (run / 'checkpoints' / '20' / 'commit_success.txt').write_text('ok')
+  (run / 'config.json').write_text('{}')
+  before = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  proc = subprocess.run(
+      [sys.executable, '-m', 'llm_jax.export', f'--workdir={run}', f'--out={run}',
+       '--overwrite'], capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': os.getcwd()})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  # One line of ours (TF's C++ start-up chatter may come before it).
+  err = proc.stderr.strip().splitlines()
+  assert err[-1].startswith('error: ') and 'is or holds' in err[-1], err
+  assert sum(l.startswith('error') for l in err) == 1 and 'Traceback' not in proc.stderr
+  after = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  assert after == before and sorted(os.listdir(tmp_path)) == ['run']
 
 
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.

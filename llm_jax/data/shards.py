@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import sentencepiece as spm
 
+from llm_jax.core import files
 from llm_jax.data import clean
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -127,18 +128,21 @@ def prepare(config, log: Log = logging.info) -> PreparedData:
                     val_fraction=config.data.val_fraction)
   key = _sha256_json(key_fields)
   out_dir = os.path.join(root, 'shards', key[:16])
-  cached = _load_cached(out_dir, key)
-  if cached is not None:
-    log(f'Using cached token shards at {out_dir} ({cached.train_tokens:,} '
-        f'train, {cached.val_tokens:,} validation tokens)')
-    return cached
-  manifest = dict(key_fields, cache_key=key,
-                  source=dict(source_stats.counts(), name=config.data.source),
-                  cleaning=dataclasses.asdict(clean_stats),
-                  tokenizer=_tokenizer_info(config, tokenizer))
-  _build(out_dir, manifest, tokenizer, {'train': train_docs, 'val': val_docs},
-         config.data.num_threads, log)
-  prepared = _load_cached(out_dir, key)
+  # One process builds a cache entry at a time; another preparing the same
+  # data waits, then finds it whole (a valid entry is never replaced).
+  with files.FileLock(out_dir + '.lock'):
+    cached = _load_cached(out_dir, key)
+    if cached is not None:
+      log(f'Using cached token shards at {out_dir} ({cached.train_tokens:,} '
+          f'train, {cached.val_tokens:,} validation tokens)')
+      return cached
+    manifest = dict(key_fields, cache_key=key,
+                    source=dict(source_stats.counts(), name=config.data.source),
+                    cleaning=dataclasses.asdict(clean_stats),
+                    tokenizer=_tokenizer_info(config, tokenizer))
+    _build(out_dir, manifest, tokenizer, {'train': train_docs, 'val': val_docs},
+           config.data.num_threads, log)
+    prepared = _load_cached(out_dir, key)
   assert prepared is not None, f'{out_dir} was just built but is not valid'
   return prepared
 
@@ -205,17 +209,18 @@ def _get_tokenizer(config, train_docs: list[str], root: str,
                           **_tokenizer_settings(config.tokenizer,
                                                 _extra_symbols(config))))
   prefix = os.path.join(root, 'tokenizers', key[:16], 'tokenizer')
-  if os.path.exists(prefix + '.model'):
-    try:
-      tok = tokenizer_lib.Tokenizer.load(prefix + '.model')
-      log(f'Using cached tokenizer at {tok.path} ({tok.vocab_size} pieces)')
-      return tok
-    except UserError as e:
-      log(f'Warning: retraining the tokenizer: {e}')
-  start = time.perf_counter()
-  path = tokenizer_lib.train_tokenizer(train_docs, prefix, config.tokenizer,
-                                       config.data.num_threads,
-                                       extra_symbols=_extra_symbols(config))
+  with files.FileLock(os.path.dirname(prefix) + '.lock'):  # As for the shards.
+    if os.path.exists(prefix + '.model'):
+      try:
+        tok = tokenizer_lib.Tokenizer.load(prefix + '.model')
+        log(f'Using cached tokenizer at {tok.path} ({tok.vocab_size} pieces)')
+        return tok
+      except UserError as e:
+        log(f'Warning: retraining the tokenizer: {e}')
+    start = time.perf_counter()
+    path = tokenizer_lib.train_tokenizer(train_docs, prefix, config.tokenizer,
+                                         config.data.num_threads,
+                                         extra_symbols=_extra_symbols(config))
   tok = tokenizer_lib.Tokenizer.load(path)
   log(f'Trained a {config.tokenizer.model_type} tokenizer with '
       f'{tok.vocab_size} pieces on {len(train_docs)} documents in '
@@ -289,15 +294,22 @@ def _build(out_dir: str, manifest: dict, tok: tokenizer_lib.Tokenizer,
 
 
 def _install(tmp_dir: str, out_dir: str, key: str) -> None:
-  """Renames the finished build into place, replacing an invalid old one."""
+  """Renames the finished build into place, replacing an invalid old one.
+
+  Called under the entry's lock. The invalid old directory is renamed away
+  before it is removed, so the name never holds a half-deleted tree.
+  """
   if os.path.exists(out_dir):
     if _load_cached(out_dir, key) is not None:
       return  # Another process finished the same build first; keep theirs.
-    shutil.rmtree(out_dir)  # Stale or broken: from another version, say.
+    stale = f'{out_dir}.stale-{os.getpid()}-{time.monotonic_ns()}'
+    os.rename(out_dir, stale)  # Stale or broken: from another version, say.
+    shutil.rmtree(stale, ignore_errors=True)
   try:
     os.rename(tmp_dir, out_dir)
   except OSError:
-    # Another process installed the same build between the check and here.
+    # Another process installed the same build between the check and here
+    # (one without locks: an older llm_jax, or a filesystem without flock).
     if _load_cached(out_dir, key) is None:
       raise
 

@@ -2,7 +2,7 @@
 
 ``decode_tokens`` is a pure function of the parameters and the request (no
 Python control flow on values), so the same code runs under ``jax.jit`` here
-and inside the exported SavedModel (llm_jax/export.py).
+and inside the exported SavedModel (llm_jax/deploy/saved_model.py).
 
 Layout of a request (all rows padded to the same prompt width P):
 
@@ -37,6 +37,7 @@ import functools
 from typing import Any
 from collections.abc import Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,6 +220,7 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   Returns:
     ``(tokens_BW int32, counts_B int32)``.
   """
+  chex.assert_rank([tokens_BP, lengths_B], [2, 1])  # Symbolic sizes are fine.
   model = nnx.merge(graphdef, params)
   cfg = model.cfg
   B, P = tokens_BP.shape
@@ -533,7 +535,7 @@ def generate_for_run(run, prompts: list[list[int]], *, max_new_tokens: int,
     run: a ``workdir.Run``.
     prompts: token ids per prompt (checked with ``check_prompts``).
     max_new_tokens: new tokens per row at most.
-    temperature, top_k, top_p, seed: sampling, as in llm_jax/decode.py.
+    temperature, top_k, top_p, seed: sampling, as in decode_tokens.
     width: the static output width (default ``max_new_tokens``).
     prompt_width: the padded prompt width (default: the next bucket).
     on_token: streaming callback (see ``decode.decode_tokens``).

@@ -2,16 +2,21 @@
 
 A workdir (docs/runs-and-reliability.md) holds ``config.json`` (the resolved config),
 ``tokenizer.model`` (a copy of the run's SentencePiece model, so the directory
-is complete on its own), ``checkpoints/<step>/`` (Orbax) and ``tb/``.
+is complete on its own), ``checkpoints/<step>/`` (Orbax), ``tb/`` and
+``train.lock`` (who trains it now: ``training_lock``).
 ``generate``, ``evaluate``, ``export`` and ``init_from`` all start here;
 imports and vocabulary extension write new ones with ``write``.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import socket
+import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 from etils import epath
@@ -25,11 +30,13 @@ from llm_jax.core import files
 from llm_jax.core.errors import UserError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import optim, sharding, steps, trainer
+from llm_jax.training import sharding, steps, trainer
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CHECKPOINTS_DIR = 'checkpoints'
+# Held (flock) by the training process that owns the run; says who that is.
+LOCK_FILE = 'train.lock'
 
 
 @dataclasses.dataclass
@@ -43,6 +50,8 @@ class Run:
   tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None if the run has none
   step: int
   meta: dict  # the checkpoint's metadata (see trainer.checkpoint_meta)
+  # A DPO/GRPO run's frozen reference (TrainState.ref_params), else None.
+  ref_params: Any = None
 
   def model(self):
     """The NNX Transformer with these parameters."""
@@ -62,6 +71,56 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                     'or retrain.') from None
 
 
+def unwritable(workdir: str, error: OSError) -> UserError:
+  """The one line for a run directory this user cannot write."""
+  reason = error.strerror or str(error)
+  return UserError(f'Cannot write to the run directory {workdir}: {reason} '
+                   f'({error.filename or workdir}). Training writes config.json, '
+                   'checkpoints and TensorBoard events there: make it writable for '
+                   'this user, or pass another --workdir.')
+
+
+@contextlib.contextmanager
+def training_lock(workdir: str) -> Iterator[None]:
+  """Holds ``workdir`` for this training process; refuses if another holds it.
+
+  The lock is an ``flock`` on ``<workdir>/train.lock``, held open for the
+  run's life: the kernel drops it when the process ends, however it ends, so
+  a run killed with ``kill -9`` never blocks the next start. Only process 0
+  of a multi-host run takes it (the others write no run files of their own);
+  object stores (``gs://``) have no locks and are not locked.
+
+  Raises:
+    UserError: another process holds the lock (its pid, host and start time
+      are named), or the directory cannot be written.
+  """
+  if '://' in workdir or jax.process_index() != 0:
+    yield
+    return
+  lock = files.FileLock(os.path.join(workdir, LOCK_FILE))
+  me = dict(pid=os.getpid(), host=socket.gethostname(),
+            started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+  try:
+    taken = lock.acquire(wait=False, note=json.dumps(me))
+  except OSError as e:
+    raise unwritable(workdir, e) from None
+  if not taken:
+    try:
+      other = json.loads(lock.holder())
+    except ValueError:
+      other = {}
+    pid, host = other.get('pid', '?'), other.get('host', '?')
+    raise UserError(
+        f'{workdir} is in use by another training process: pid {pid} on {host}, '
+        f'started {other.get("started", "?")}. Two trainers on one run directory '
+        f'would interleave their checkpoints. Wait for it to finish, stop it (kill '
+        f'{pid} saves a checkpoint and exits), or pass another --workdir.')
+  try:
+    yield
+  finally:
+    lock.release()
+
+
 def save_tokenizer(workdir: str, model_bytes: bytes) -> str:
   """Copies the tokenizer model into the workdir (whole or not at all)."""
   path = epath.Path(workdir) / TOKENIZER_FILE
@@ -73,7 +132,11 @@ def save_tokenizer(workdir: str, model_bytes: bytes) -> str:
 def load_tokenizer(workdir: str):
   """The run's tokenizer, or None if the workdir has none (e.g. a GPT-2 import)."""
   path = epath.Path(workdir) / TOKENIZER_FILE
-  return tokenizer_lib.Tokenizer.load(str(path)) if path.exists() else None
+  if not path.exists():
+    return None
+  return tokenizer_lib.Tokenizer.load(
+      str(path), fix="it is this run's copy of its tokenizer: copy the .model file "
+      'the run was trained with there again')
 
 
 def latest_step(workdir: str) -> int:
@@ -132,9 +195,11 @@ def load(workdir: str, step: int | None = None) -> Run:
   # Layer by layer from here on (decode, export and conversion walk blocks/0,
   # blocks/1, ...), even if the run scanned over stacked layers.
   model_cfg, graphdef, params = tr.unrolled(state.params)
+  ref_params = None if state.ref_params is None else tr.unrolled(state.ref_params)[2]
   return Run(workdir=workdir, config=config, model_cfg=model_cfg,
              graphdef=graphdef, params=params,
-             tokenizer=load_tokenizer(workdir), step=step, meta=meta)
+             tokenizer=load_tokenizer(workdir), step=step, meta=meta,
+             ref_params=ref_params)
 
 
 def require_tokenizer(run):
@@ -146,23 +211,30 @@ def require_tokenizer(run):
 
 
 def write(workdir: str, config, params: dict, *, vocab_size: int,
-          tokenizer_bytes: bytes | None, source: dict, step: int = 0) -> str:
+          tokenizer_bytes: bytes | None, source: dict, step: int = 0,
+          protect: tuple[str, ...] = (),
+          extra_files: dict[str, bytes] | None = None) -> str:
   """Writes a new run directory: config.json, tokenizer.model, checkpoints/<step>.
 
   The directory appears whole or not at all (``files.atomic_dir``); an existing
-  non-empty ``workdir`` is refused. The checkpoint is a whole ``TrainState``
-  (fresh optimizer state) with the metadata ``trainer.checkpoint_meta``
-  writes; an import has no training data, so its data hash is None
-  (``checkpoint.check_compatible`` then skips it).
+  non-empty ``workdir`` is refused, and so is one that is, holds or lies
+  inside a directory of ``protect`` (the run or HF directory it comes from).
+  The checkpoint is a whole ``TrainState`` (fresh optimizer state,
+  ``trainer.make_tx``'s) with the metadata ``trainer.checkpoint_meta`` writes;
+  an import has no training data, so its data hash is None
+  (``checkpoint.check_compatible`` then skips it). ``extra_files`` (name ->
+  bytes) are written into the directory too (a pruned run's masks).
   """
   workdir = os.path.abspath(workdir)
-  with files.atomic_dir(workdir, what='run directory') as tmp:
+  with files.atomic_dir(workdir, protect=protect, what='run directory') as tmp:
     if tokenizer_bytes is not None:
       save_tokenizer(tmp, tokenizer_bytes)
       # Where the tokenizer will be once the directory is renamed into place.
       config.tokenizer.path = os.path.join(workdir, TOKENIZER_FILE)
     files.atomic_write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    for name, data in (extra_files or {}).items():
+      files.atomic_write(os.path.join(tmp, name), data)
+    tx = trainer.make_tx(config)
     params = jax.device_put(params, jax.devices()[0])
     state = steps.TrainState(
         step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),
