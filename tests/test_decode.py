@@ -176,7 +176,7 @@ def _stepwise(lm, prompts, joins, *, steps, temperature, top_k=0, top_p=1.0, see
                       for r in range(B)])
       step = np.int32([len(got[r]) for r in range(B)])
       out = _step(params, cache, last, pos, step, *sampling(B), graphdef=graphdef)
-      cache = np.array(out['cache'])
+      cache[np.arange(B), :, :, pos] = np.asarray(out['kv'])  # The caller writes the slot.
       for r in live:
         got[r].append(int(out['token'][r]))
     t += 1

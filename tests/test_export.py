@@ -131,9 +131,10 @@ def _step_by_step(tf1, prompts, steps, sampling, slots):
   cache[:, :, :, :16] = out['cache']
   got = [out['token']]
   for j in range(1, steps):
-    out = tf1('decode_step', cache=cache, tokens=got[-1], positions=lengths + j - 1,
+    positions = lengths + j - 1
+    out = tf1('decode_step', cache=cache, tokens=got[-1], positions=positions,
               step=np.full(B, j, np.int32), **rows)
-    cache = out['cache']
+    cache[np.arange(B), :, :, positions] = out['kv']
     got.append(out['token'])
   return np.stack(got, 1)
 

@@ -31,7 +31,8 @@ def test_go_vet_and_unit_tests_pass(go_build):
                         capture_output=True, text=True, timeout=600, env=go_build['env'])
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   # Every package with tests ran them (a package whose tests vanish says so).
-  for package in ('export', 'engine', 'server', 'metrics', 'load', 'cmd/llmjax-server'):
+  for package in ('export', 'engine', 'server', 'metrics', 'load', 'tfmodel',
+                  'cmd/llmjax-server'):
     assert f'ok  \tllmjax/serving/{package}' in proc.stdout, proc.stdout
 
 

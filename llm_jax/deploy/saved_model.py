@@ -22,7 +22,8 @@ Signatures (docs/serving.md documents them):
   SentencePiece runs inside the graph (tensorflow-text); the ``.model`` file
   is also in ``assets/tokenizer.model`` for clients that tokenize themselves.
 * ``prefill``, ``decode_step``, ``score``: generation one step at a time with
-  the KV cache passed in and out (``decode.prefill``, ``decode.decode_step``,
+  the KV cache in the caller's hands (``decode.prefill`` returns a prompt's
+  cache, ``decode.decode_step`` reads the batch's and returns the new slot;
   ``decode.score``), so a server streams tokens and batches requests that
   started at different times; per-row sampling settings.
 * ``tokenize`` / ``detokenize`` (with the text signature): SentencePiece
@@ -168,11 +169,9 @@ def cache_info(cfg) -> dict:
           'dtype': np.dtype(cfg.compute_dtype).name}
 
 
-def _step_functions(run, specs, treedef, variables, platforms) -> dict:
-  """The ``prefill``, ``decode_step`` and ``score`` signature functions."""
-  cfg, graphdef = run.model_cfg, run.graphdef
-  cache = cache_info(cfg)
-  cache_dtype = tf.as_dtype(cache['dtype'])
+def _converted_steps(run, specs, treedef, platforms):
+  """jax2tf conversions of ``decode.prefill``, ``decode_step`` and ``score``."""
+  graphdef = run.graphdef
   params = lambda flat: quantize_lib.unflatten_params(specs, flat, treedef)
 
   def convert(fn, shapes):
@@ -180,13 +179,21 @@ def _step_functions(run, specs, treedef, variables, platforms) -> dict:
                           native_serialization_platforms=tuple(platforms))
 
   rows = ['(b,)'] * len(ROW_SAMPLING)
-  cache_shape = '(b, {layers}, 2, {slots}, {kv_heads}, {head_dim})'.format(**cache)
-  prefill_tf = convert(lambda flat, *a: decode.prefill(params(flat), *a, graphdef=graphdef),
-                       ['(b, p)', '(b,)', *rows])
-  step_tf = convert(lambda flat, *a: decode.decode_step(params(flat), *a, graphdef=graphdef),
-                    [cache_shape, '(b,)', '(b,)', '(b,)', *rows])
-  score_tf = convert(lambda flat, t: decode.score(params(flat), t, graphdef=graphdef),
-                     ['(b, t)'])
+  cache_shape = '(b, {layers}, 2, {slots}, {kv_heads}, {head_dim})'.format(
+      **cache_info(run.model_cfg))
+  return (
+      convert(lambda flat, *a: decode.prefill(params(flat), *a, graphdef=graphdef),
+              ['(b, p)', '(b,)', *rows]),
+      convert(lambda flat, *a: decode.decode_step(params(flat), *a, graphdef=graphdef),
+              [cache_shape, '(b,)', '(b,)', '(b,)', *rows]),
+      convert(lambda flat, t: decode.score(params(flat), t, graphdef=graphdef), ['(b, t)']))
+
+
+def _step_functions(run, specs, treedef, variables, platforms) -> dict:
+  """The ``prefill``, ``decode_step`` and ``score`` signature functions."""
+  cfg = run.model_cfg
+  cache = cache_info(cfg)
+  prefill_tf, step_tf, score_tf = _converted_steps(run, specs, treedef, platforms)
   row_specs = [tf.TensorSpec([None], getattr(tf, dt), name=n) for n, dt in ROW_SAMPLING]
   ids = lambda name: tf.TensorSpec([None], tf.int32, name=name)
   in_vocab = lambda t: [
@@ -212,7 +219,7 @@ def _step_functions(run, specs, treedef, variables, platforms) -> dict:
 
   @tf.function(autograph=False, input_signature=[
       tf.TensorSpec([None, cache['layers'], 2, cache['slots'], cache['kv_heads'],
-                     cache['head_dim']], cache_dtype, name='cache'),
+                     cache['head_dim']], tf.as_dtype(cache['dtype']), name='cache'),
       ids('tokens'), ids('positions'), ids('step'), *row_specs])
   def decode_step(cache_in, tokens, positions, step, *sampling):
     tokens = checked(in_vocab(tokens) + [

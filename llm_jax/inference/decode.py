@@ -68,11 +68,13 @@ def _embed(model, tokens_BT, positions_BT):
                                       scaling_factor=model.cfg.rope_scaling_factor)
 
 
-def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
-  """One block on T new tokens; their keys/values go into the cache at ``slot``.
+def _attend_block(block, x_BTD, rope, keys_fn):
+  """One block on T new tokens; ``keys_fn(k_BTKH, v_BTKH)`` gives the keys,
+  values and mask ``[B, T, S]`` they attend to (the cache with them in it).
 
   Same arithmetic as ``model.Block`` (pre-norm attention then MLP), with the
-  attention reading the cache instead of only the new tokens.
+  attention reading the cache instead of only the new tokens. Returns the
+  block's output, the new tokens' keys and values, and what keys_fn gave.
   """
   attn = block.attn
   h_BTD = block.attn_norm(x_BTD)
@@ -80,12 +82,22 @@ def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
   if rope is not None:
     q_BTNH = model_lib.apply_rope(q_BTNH, *rope)
     k_BTKH = model_lib.apply_rope(k_BTKH, *rope)
-  k_BSKH = jax.lax.dynamic_update_slice_in_dim(
-      k_BSKH, k_BTKH.astype(k_BSKH.dtype), slot, axis=1)
-  v_BSKH = jax.lax.dynamic_update_slice_in_dim(
-      v_BSKH, v_BTKH.astype(v_BSKH.dtype), slot, axis=1)
+  k_BSKH, v_BSKH, mask_BTS = keys_fn(k_BTKH, v_BTKH)
   x_BTD = x_BTD + attn.o(attention.xla_attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS))
   x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+  return x_BTD, (k_BTKH, v_BTKH), (k_BSKH, v_BSKH)
+
+
+def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
+  """One block on T new tokens; their keys/values go into the cache at ``slot``."""
+
+  def into_cache(k_BTKH, v_BTKH):
+    return (jax.lax.dynamic_update_slice_in_dim(
+        k_BSKH, k_BTKH.astype(k_BSKH.dtype), slot, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(
+                v_BSKH, v_BTKH.astype(v_BSKH.dtype), slot, axis=1), mask_BTS)
+
+  x_BTD, _, (k_BSKH, v_BSKH) = _attend_block(block, x_BTD, rope, into_cache)
   return x_BTD, k_BSKH, v_BSKH
 
 
@@ -273,7 +285,7 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
 # Every row owns its cache row and starts at slot 0: the token at position p
 # sits in slot p, so rows need no common offset. The cache travels as one
 # array ``cache_BLCSKH`` [batch, layers, 2 (keys, values), slots, kv heads,
-# head dim]. Sampling takes per-row settings; row b draws step j with
+# head dim]; ``decode_step`` only reads it and returns the new slot. Sampling takes per-row settings; row b draws step j with
 # ``fold_in(fold_in(PRNGKey(seed_B[b]), j), index_B[b])``, the key
 # ``decode_tokens`` gives row ``index`` of a batch with that seed, so a request
 # reproduces ``generate`` whatever else shares the step.
@@ -284,12 +296,6 @@ TOP_LOGPROBS = 5  # Alternatives reported per token (OpenAI's limit for completi
 def stack_cache(cache: list) -> jax.Array:
   """Per-layer ``(k_BSKH, v_BSKH)`` pairs -> ``cache_BLCSKH``."""
   return jnp.stack([jnp.stack(kv, axis=1) for kv in cache], axis=1)
-
-
-def split_cache(cache_BLCSKH: jax.Array) -> list:
-  """``cache_BLCSKH`` -> per-layer ``(k_BSKH, v_BSKH)`` pairs."""
-  return [(cache_BLCSKH[:, l, 0], cache_BLCSKH[:, l, 1])
-          for l in range(cache_BLCSKH.shape[1])]
 
 
 def _prompt_logits(model, tokens_BT):
@@ -365,26 +371,34 @@ def prefill(params, tokens_BP, lengths_B, seed_B, index_B, temperature_B, top_k_
 
 def decode_step(params, cache_BLCSKH, tokens_B, positions_B, step_B, seed_B, index_B,
                 temperature_B, top_k_B, top_p_B, *, graphdef) -> dict:
-  """Feeds each row's last token at its own position (= slot); draws step ``step_B``.
+  """Feeds each row's last token at its own position; draws step ``step_B``.
 
-  A row may attend only to slots up to its position, so what a longer or
-  shorter neighbour left in the other slots never reaches it.
+  The cache is only read: row b attends to its slots below ``positions_B[b]``
+  and to the new token itself, so what a longer or shorter neighbour left in
+  the other slots never reaches it. The new token's keys and values come
+  back as ``kv`` for the caller to write into slot ``positions_B[b]`` (a
+  step then moves one slot per row, not the whole cache).
 
   Returns:
-    the updated ``cache`` and ``_sampled``'s outputs.
+    ``kv`` [B, L, 2, K, H] and ``_sampled``'s outputs.
   """
   model = nnx.merge(graphdef, params)
   S = cache_BLCSKH.shape[3]
+  mask_B1S = jnp.concatenate([jnp.arange(S)[None] < positions_B[:, None],
+                              jnp.ones_like(positions_B[:, None], jnp.bool_)], 1)[:, None]
+  x_B1D, rope = _embed(model, tokens_B[:, None], positions_B[:, None])
+  kv = []
+  for l, block in enumerate(model.blocks):
+    cached = cache_BLCSKH[:, l]
 
-  def row(cache_LCSKH, token, position):
-    cache = split_cache(cache_LCSKH[None])
-    logits_11V, cache = forward_cached(model, token[None, None], position[None, None],
-                                       cache, position, jnp.ones((1, S), jnp.bool_))
-    return stack_cache(cache)[0], logits_11V[0, 0]
+    def with_new(k_B1KH, v_B1KH, cached=cached):
+      return (jnp.concatenate([cached[:, 0], k_B1KH.astype(cached.dtype)], 1),
+              jnp.concatenate([cached[:, 1], v_B1KH.astype(cached.dtype)], 1), mask_B1S)
 
-  cache_BLCSKH, logits_BV = jax.vmap(row)(cache_BLCSKH, tokens_B, positions_B)
+    x_B1D, (k_B1KH, v_B1KH), _ = _attend_block(block, x_B1D, rope, with_new)
+    kv.append(jnp.stack([k_B1KH[:, 0], v_B1KH[:, 0]], 1).astype(cached.dtype))
   sampling = (seed_B, step_B, index_B, temperature_B, top_k_B, top_p_B)
-  return {'cache': cache_BLCSKH, **_sampled(logits_BV, sampling)}
+  return {'kv': jnp.stack(kv, 1), **_sampled(_logits(model, x_B1D)[:, 0], sampling)}
 
 
 def score(params, tokens_BT, *, graphdef) -> dict:

@@ -2,10 +2,11 @@
 // decode_step, score) and its tokenizer (tokenize, detokenize) through
 // tfmodel: it is the engine's Backend and the HTTP server's model.
 //
-// The KV cache stays a TensorFlow tensor, [rows, layers, 2, slots, kv heads,
-// head dim] (the layout export.Cache describes): decode_step takes it in and
-// gives the next one out, so a step copies nothing on the Go side; CopyRow
-// moves one sequence between caches when the batch changes.
+// The KV cache is a TensorFlow tensor the engine's batch owns, [rows, layers,
+// 2, slots, kv heads, head dim] (the layout export.Cache describes):
+// decode_step only reads it and returns each row's new keys and values,
+// which Step writes into the row's slot, so a step moves one slot per row;
+// CopyRow moves one sequence between caches when the batch changes.
 package backend
 
 import (
@@ -216,8 +217,8 @@ func (b *Model) Prefill(rows []engine.PrefillRow) ([]engine.Sample, engine.Cache
 	return samples(out[1:], len(rows)), &cache{t: out[0], rows: len(rows), slots: width}, nil
 }
 
-// Step runs decode_step over every row of the batch cache and keeps the
-// new cache.
+// Step runs decode_step over every row of the batch cache and writes each
+// row's new keys and values into its slot (the row's position).
 func (b *Model) Step(c engine.Cache, rows []engine.StepRow) ([]engine.Sample, error) {
 	bc := c.(*cache)
 	n := len(rows)
@@ -229,13 +230,22 @@ func (b *Model) Step(c engine.Cache, rows []engine.StepRow) ([]engine.Sample, er
 	defer closeAll(feeds)
 	feeds["tokens"], feeds["positions"], feeds["step"] = mustInt32(tokens, n), mustInt32(positions, n), mustInt32(steps, n)
 	feeds["cache"] = bc.t
-	out, err := b.m.Run(export.DecodeStep, feeds, append([]string{"cache"}, sampled...))
-	delete(feeds, "cache") // The old cache is replaced below, not closed twice.
+	out, err := b.m.Run(export.DecodeStep, feeds, append([]string{"kv"}, sampled...))
+	delete(feeds, "cache") // The batch's own: kept, not closed.
 	if err != nil {
 		return nil, err
 	}
-	bc.t.Close()
-	bc.t = out[0]
+	defer out[0].Close()
+	ci := b.Info.Cache
+	slot := ci.KVHeads * ci.HeadDim * b.elem
+	kv, dst := out[0].Bytes(), bc.t.Bytes()
+	for r := 0; r < n; r++ {
+		for lc := 0; lc < ci.Layers*2; lc++ {
+			src := (r*ci.Layers*2 + lc) * slot
+			at := ((r*ci.Layers*2+lc)*bc.slots + int(positions[r])) * slot
+			copy(dst[at:at+slot], kv[src:src+slot])
+		}
+	}
 	return samples(out[1:], n), nil
 }
 

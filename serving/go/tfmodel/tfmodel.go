@@ -140,27 +140,9 @@ func (m *Model) Run(signature string, feeds map[string]*Tensor, fetch []string) 
 	if !ok {
 		return nil, fmt.Errorf("the model has no signature %q", signature)
 	}
-	keys := make([]string, 0, len(sig.inputs))
-	for key := range sig.inputs {
-		keys = append(keys, key)
-	}
-	sort.Strings(keys)
-	inputs := make([]C.TF_Output, 0, len(keys))
-	values := make([]*C.TF_Tensor, 0, len(keys))
-	for _, key := range keys {
-		t, ok := feeds[key]
-		if !ok || t == nil || t.t == nil {
-			return nil, fmt.Errorf("signature %q needs input %q", signature, key)
-		}
-		inputs = append(inputs, sig.inputs[key])
-		values = append(values, t.t)
-	}
-	if len(feeds) != len(keys) {
-		for key := range feeds {
-			if _, ok := sig.inputs[key]; !ok {
-				return nil, fmt.Errorf("signature %q has no input %q", signature, key)
-			}
-		}
+	inputs, values, err := feedList(signature, sig, feeds)
+	if err != nil {
+		return nil, err
 	}
 	outputs := make([]C.TF_Output, len(fetch))
 	for i, key := range fetch {
@@ -198,6 +180,32 @@ func (m *Model) Run(signature string, feeds map[string]*Tensor, fetch []string) 
 		return nil, err
 	}
 	return out, nil
+}
+
+// feedList orders the feeds as the signature's inputs (sorted by key); the
+// feeds must be exactly those inputs.
+func feedList(signature string, sig resolved, feeds map[string]*Tensor) ([]C.TF_Output, []*C.TF_Tensor, error) {
+	keys := make([]string, 0, len(sig.inputs))
+	for key := range sig.inputs {
+		keys = append(keys, key)
+	}
+	sort.Strings(keys)
+	inputs := make([]C.TF_Output, 0, len(keys))
+	values := make([]*C.TF_Tensor, 0, len(keys))
+	for _, key := range keys {
+		t, ok := feeds[key]
+		if !ok || t == nil || t.t == nil {
+			return nil, nil, fmt.Errorf("signature %q needs input %q", signature, key)
+		}
+		inputs = append(inputs, sig.inputs[key])
+		values = append(values, t.t)
+	}
+	for key := range feeds {
+		if _, ok := sig.inputs[key]; !ok {
+			return nil, nil, fmt.Errorf("signature %q has no input %q", signature, key)
+		}
+	}
+	return inputs, values, nil
 }
 
 // Close ends the session and frees the graph.

@@ -145,8 +145,11 @@ func serve(o options, srv *server.Server, eng *engine.Engine, logger *log.Logger
 	if err != nil {
 		return err
 	}
-	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 60 * time.Second,
-		IdleTimeout: 120 * time.Second, ErrorLog: logger}
+	// No WriteTimeout: a stream lasts as long as its request (the request
+	// timeout ends it). A read deadline expiring while a handler runs would
+	// cancel its context, so ReadTimeout outlives the request timeout.
+	hs := &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout: o.timeout + 10*time.Second, IdleTimeout: 120 * time.Second, ErrorLog: logger}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	failed := make(chan error, 1)
