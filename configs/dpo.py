@@ -14,8 +14,9 @@ margin; `python -m llm_jax.evaluate --workdir=runs/dpo --preferences=...`
 compares it with the SFT start. Expected: the held-out chosen responses
 become likelier than the rejected ones. Measured (docs/alignment.md,
 benchmarks/alignment.py, 2 CPU cores): the tiny model SFT'd on colour
-answers that are wrong 40% of the time prefers the right colour in 0.66 of
-held-out pairs; 60 steps of 16 pairs raise that to 1.00.
+answers that are wrong 40% of the time finds the right answer likelier in
+0.59 of 64 held-out pairs; 50 steps of 16 pairs (lr 5e-4) raise that to
+0.98 (LoRA rank 8 at lr 5e-3: 1.00; ORPO: 1.00), 55 s.
 """
 
 from llm_jax.core.configuration import base_config
@@ -33,7 +34,8 @@ def get_config(init_from: str = ''):
   c.optim.weight_decay = 0.0
   c.train.steps = 200
   c.train.eval_every = 50
-  c.train.num_samples = 1
+  # The default sample prompts are Python, not chat: see train.sample_prompts.
+  c.train.num_samples = 0
   config = config_from(init_from, c, with_template=True)
   config.name = 'dpo'
   return config

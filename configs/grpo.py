@@ -15,8 +15,9 @@ policy-gradient step with a k3 KL penalty (rl.beta) to the starting weights
 length and clip fraction; each eval scores greedy completions of held-out
 prompts. Expected: the held-out reward rises. Measured (docs/alignment.md,
 benchmarks/alignment.py, 2 CPU cores): the tiny model SFT'd on colour answers
-that are wrong 40% of the time, exact-match reward: held-out reward 0.58 ->
-1.00 in 40 steps of 8 prompts x 8 completions.
+that are wrong 40% of the time, exact-match reward, 23 held-out prompts:
+0.43 -> 1.00 in 20 steps of 8 prompts x 8 completions (lr 1e-3), 0.87 at
+step 30; 141 s for the 30 steps.
 """
 
 from llm_jax.core.configuration import base_config
@@ -38,7 +39,8 @@ def get_config(init_from: str = ''):
   c.train.batch_size = 64  # Completions: 8 prompts x 8.
   c.train.steps = 200
   c.train.eval_every = 50
-  c.train.num_samples = 1
+  # The default sample prompts are Python, not chat: see train.sample_prompts.
+  c.train.num_samples = 0
   config = config_from(init_from, c, with_template=True)
   config.name = 'grpo'
   return config

@@ -12,8 +12,8 @@ held-out pairs' reward accuracy (chosen scored above rejected) and mean
 margin. Expected: accuracy well above 0.5. Measured (docs/alignment.md,
 benchmarks/alignment.py, 2 CPU cores): the tiny model SFT'd on colour
 questions, 300 pairs where the chosen answer repeats the colour the prompt
-states and the rejected one names another, held-out accuracy 0.50 -> 1.00
-in 60 steps of 16 pairs.
+states and the rejected one names another: accuracy on 64 held-out pairs
+1.00 (margin 4.2) after 80 steps of 16 pairs at lr 1e-3, 72 s.
 """
 
 from llm_jax.core.configuration import base_config

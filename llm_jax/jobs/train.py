@@ -311,6 +311,8 @@ def _resume_and_train(config, tr, ckpt, inputs: _Inputs, workdir, on_eval):
     evals = tr.evaluate(state.params, eval_batches, ref_params=state.ref_params)
     if inputs.val_bytes_per_token() and tr.model_cfg.causal:
       evals['val_bpb'] = loop.bits_per_byte(evals['val_loss'], inputs.val_bytes_per_token())
+    if inputs.is_rollouts:  # GRPO's held-out reward comes from its rollouts.
+      evals.update(inputs.rollouts(tr, start).evaluate(state.params, start))
     return state, {'step': start, 'val_history': {}, 'loss_history': {}, **evals}
   return _train(config, tr, ckpt, state, start, inputs, eval_batches, workdir, meta_fn,
                 on_eval)
