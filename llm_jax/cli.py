@@ -103,7 +103,8 @@ def define_config(fv: flags.FlagValues):
 
 def config_error(argv: list[str]) -> Callable[[Exception], str]:
   """The one line for a config file that fails to load, or an unknown override key."""
-  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '?')
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')),
+              next((b for a, b in zip(argv, argv[1:]) if a == '--config'), '?'))
 
   def message(e: Exception) -> str:
     if _raised_in(e, path) or isinstance(e, (OSError, SyntaxError)):
