@@ -9,7 +9,14 @@ Tasks (``--tasks=FILE.jsonl``): ``{"prompt", "reference"}`` lines are
 generated greedily and scored with BLEU and ROUGE-1/2/L F1; ``{"prompt",
 "answer"}`` lines by exact match of the first generated line.
 
-Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``.
+Preferences (``--preferences=GLOB``): ``{"prompt", "chosen", "rejected"}``
+lines; a reward model's (or DPO's implicit) reward accuracy and margin, and
+for any decoder how often the chosen response is the likelier one
+(docs/alignment.md).
+
+Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``,
+with the run's size: parameters (all, and non-zero), the sparsity of its block
+kernels (after ``python -m llm_jax.prune``) and bytes stored dense and sparse.
 
 Plots: ``python -m llm_jax.evaluate --plot --workdir=RUN [--workdir=RUN2]
 --out=curves.png`` draws loss and learning-rate curves from ``<workdir>/tb``.
@@ -24,7 +31,7 @@ from absl import flags
 
 from llm_jax import cli
 from llm_jax.core.errors import UserError
-from llm_jax.evaluation import lm, plots, tasks
+from llm_jax.evaluation import lm, pairs, plots, tasks
 from llm_jax.runs import workdir as workdir_lib
 
 PROG = 'python -m llm_jax.evaluate'
@@ -44,6 +51,8 @@ flags.DEFINE_integer('batch_size', None, 'Rows per batch (default train.batch_si
                      lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_string('tasks', '', 'JSONL of {"prompt","reference"} / {"prompt","answer"}.',
                     flag_values=FLAGS)
+flags.DEFINE_string('preferences', '', 'JSONL glob of {"prompt","chosen","rejected"} '
+                    'pairs: reward accuracy and margins.', flag_values=FLAGS)
 flags.DEFINE_integer('max_new_tokens', 32, 'Generated tokens per task.', lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_string('name', '', 'Results file name under <workdir>/eval/ (no .json; '
@@ -65,6 +74,9 @@ def _result_name() -> str:
     return FLAGS.name
   if FLAGS.tasks:
     return 'tasks-' + os.path.splitext(os.path.basename(FLAGS.tasks))[0]
+  if FLAGS.preferences:
+    return 'preferences-' + ''.join(c if c.isalnum() else '_'
+                                    for c in FLAGS.preferences).strip('_')
   if FLAGS.file:
     return 'file-' + ''.join(c if c.isalnum() else '_' for c in FLAGS.file).strip('_')
   return f'{FLAGS.source or "data"}-{FLAGS.split}'
@@ -83,10 +95,13 @@ def _main() -> dict:
     raise UserError('Give one --workdir to evaluate (several only with --plot).')
   name = _result_name()
   run = workdir_lib.load(FLAGS.workdir[0], FLAGS.step)
-  results = {'workdir': run.workdir, 'step': run.step}
+  results = {'workdir': run.workdir, 'step': run.step, **lm.model_size(run)}
   if FLAGS.tasks:
     results.update(tasks=FLAGS.tasks, **tasks.score_tasks(
         run, tasks.read_tasks(FLAGS.tasks), max_new_tokens=FLAGS.max_new_tokens))
+  elif FLAGS.preferences:
+    results.update(pairs.evaluate_preferences(run, FLAGS.preferences,
+                                              batch_size=FLAGS.batch_size))
   elif FLAGS.file:
     results.update(lm.evaluate_files(run, FLAGS.file, batch_size=FLAGS.batch_size))
   else:

@@ -3,6 +3,7 @@
 import json
 import os
 
+import chex
 import numpy as np
 import pytest
 
@@ -12,14 +13,6 @@ from llm_jax.runs import workdir as workdir_lib
 from llm_jax.training import checkpoint
 from llm_jax.core.errors import UserError
 
-
-def _cli(args: list[str]) -> int:
-  """Exit status of ``python -m llm_jax.convert ARGS``, run in this process."""
-  try:
-    convert_cli.main(args)
-  except SystemExit as e:
-    return e.code
-  return 0
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -104,12 +97,8 @@ def test_import_matches_transformers_logits_and_round_trips(tmp_path, make):
   assert diff2 <= 1e-5, diff2
   # ... and HF -> llm_jax again gives bit-identical parameters.
   again = workdir_lib.load(convert.import_hf(out_dir, str(tmp_path / 'run2')))
-  flat_a = checkpoint.flatten_params(run.params)
-  flat_b = checkpoint.flatten_params(again.params)
-  assert flat_a.keys() == flat_b.keys()
-  for key in flat_a:
-    np.testing.assert_array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key]),
-                                  err_msg=key)
+  chex.assert_trees_all_equal(checkpoint.flatten_params(run.params),
+                              checkpoint.flatten_params(again.params), strict=True)
 
 
 def test_sharded_checkpoint_imports(tmp_path):
@@ -159,37 +148,37 @@ def test_bad_keys_and_shapes_name_the_tensor(tmp_path):
     convert.import_hf(str(tmp_path / 'hf3'), str(tmp_path / 'd'))
 
 
-def test_cli_import_export_and_errors(tmp_path, capsys):
+def test_cli_import_export_and_errors(tmp_path, capsys, command_status):
   hf_dir = _save(_gpt2(), tmp_path / 'hf')
   run_dir = str(tmp_path / 'run')
-  assert _cli(['import', f'--hf_dir={hf_dir}', f'--workdir={run_dir}']) == 0
-  assert _cli(['export', f'--workdir={run_dir}',
+  assert command_status(convert_cli.main, ['import', f'--hf_dir={hf_dir}', f'--workdir={run_dir}']) == 0
+  assert command_status(convert_cli.main, ['export', f'--workdir={run_dir}',
                        f'--out={tmp_path / "out"}', '--format=llama']) == 2
   assert 'model.norm=' in capsys.readouterr().err
-  assert _cli(['export', f'--workdir={run_dir}',
+  assert command_status(convert_cli.main, ['export', f'--workdir={run_dir}',
                        f'--out={tmp_path / "out"}']) == 0
   assert (tmp_path / 'out' / 'model.safetensors').exists()
-  assert _cli(['import', f'--hf_dir={tmp_path}/nope',
+  assert command_status(convert_cli.main, ['import', f'--hf_dir={tmp_path}/nope',
                        f'--workdir={tmp_path}/x']) == 2
   assert 'config.json' in capsys.readouterr().err
-  assert _cli(['--help']) == 0
+  assert command_status(convert_cli.main, ['--help']) == 0
 
 
-def test_outputs_may_not_be_hold_or_enter_the_source_run(tmp_path, capsys):
+def test_outputs_may_not_be_hold_or_enter_the_source_run(tmp_path, capsys, command_status):
   hf_dir = _save(_gpt2(), tmp_path / 'hf')
   run = tmp_path / 'run'
-  assert _cli(['import', f'--hf_dir={hf_dir}', f'--workdir={run}']) == 0
+  assert command_status(convert_cli.main, ['import', f'--hf_dir={hf_dir}', f'--workdir={run}']) == 0
   before = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
   capsys.readouterr()
   for out, message in ((run, 'is or holds'), (tmp_path, 'is or holds'),
                        (run / 'hf', 'lies inside')):
-    assert _cli(['export', f'--workdir={run}', f'--out={out}']) == 2
+    assert command_status(convert_cli.main, ['export', f'--workdir={run}', f'--out={out}']) == 2
     assert message in capsys.readouterr().err, out
-    assert _cli(['extend_vocab', f'--workdir={run}', f'--out={out}',
+    assert command_status(convert_cli.main, ['extend_vocab', f'--workdir={run}', f'--out={out}',
                  f'--text={hf_dir}/config.json', '--num_pieces=4']) == 2
     assert message in capsys.readouterr().err, out
   # An import may not land inside the directory it reads either.
-  assert _cli(['import', f'--hf_dir={hf_dir}', f'--workdir={hf_dir}/run']) == 2
+  assert command_status(convert_cli.main, ['import', f'--hf_dir={hf_dir}', f'--workdir={hf_dir}/run']) == 2
   assert 'lies inside' in capsys.readouterr().err
   after = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
   assert after == before and sorted(os.listdir(tmp_path)) == ['hf', 'run']

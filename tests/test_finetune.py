@@ -12,19 +12,11 @@ from llm_jax import convert as convert_cli
 from llm_jax.interchange import hf as convert
 from llm_jax.runs import init_from as finetune
 from llm_jax import train
-from llm_jax.training import trainer
+from llm_jax.training import steps
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.data import pipeline, shards
 from llm_jax.core.errors import UserError
 
-
-def _cli(args: list[str]) -> int:
-  """Exit status of ``python -m llm_jax.convert ARGS``, run in this process."""
-  try:
-    convert_cli.main(args)
-  except SystemExit as e:
-    return e.code
-  return 0
 
 _WORDS = ('the river carries cold water past old mills and quiet farms while '
           'herons wait in reeds for fish that swim upstream each spring season').split()
@@ -67,7 +59,7 @@ def _val_loss(params, graphdef, config) -> float:
   total = count = 0.0
   for b in pipeline.eval_batches(windows, global_batch=config.train.batch_size,
                                  num_batches=config.train.eval_batches):
-    out = trainer.eval_step(params, {k: jax.numpy.asarray(v) for k, v in b.items()},
+    out = steps.eval_step(params, {k: jax.numpy.asarray(v) for k, v in b.items()},
                             graphdef=graphdef)
     total += float(out['loss_sum'])
     count += float(out['count'])
@@ -123,7 +115,7 @@ CHINESE = (
     '医生建议大家多喝水，少吃油炸食品，每天坚持运动半个小时。')
 
 
-def test_extend_vocab_keeps_old_ids_and_logits(tmp_path, tiny_config):
+def test_extend_vocab_keeps_old_ids_and_logits(tmp_path, tiny_config, command_status):
   imported = import_tiny_llama(tmp_path, tiny_config())
   (tmp_path / 'zh').mkdir()
   for i in range(8):  # The same sentences in several orders: a small corpus.
@@ -131,7 +123,7 @@ def test_extend_vocab_keeps_old_ids_and_logits(tmp_path, tiny_config):
     random.Random(i).shuffle(sentences)
     (tmp_path / 'zh' / f'{i}.txt').write_text('。\n'.join(sentences), encoding='utf-8')
   out = str(tmp_path / 'extended')
-  assert _cli(['extend_vocab', f'--workdir={imported}',
+  assert command_status(convert_cli.main, ['extend_vocab', f'--workdir={imported}',
                        f'--text={tmp_path}/zh/*.txt', '--num_pieces=300',
                        f'--out={out}']) == 0
   base, ext = workdir_lib.load(imported), workdir_lib.load(out)

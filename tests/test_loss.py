@@ -50,7 +50,7 @@ def test_chunked_equals_unchunked_loss_and_grads_with_weights():
 
 
 def test_train_step_with_chunked_loss_matches(tiny_config):
-  from llm_jax.perf import bench  # pylint: disable=g-import-not-at-top
+  from llm_jax.perf import measure as bench  # pylint: disable=g-import-not-at-top
   from llm_jax.training import sharding  # pylint: disable=g-import-not-at-top
   results = []
   for chunk in (0, 16):

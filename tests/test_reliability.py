@@ -34,10 +34,10 @@ def read_checkpoint(path):
 
 
 def assert_trees_bit_equal(a, b):
-  flat_a, flat_b = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
+  """Same structure, dtypes and bits in every leaf (chex names the first that differs)."""
+  chex.assert_trees_all_equal_structs(a, b)
+  chex.assert_trees_all_equal_dtypes(a, b)
+  chex.assert_trees_all_equal(a, b, strict=True)
 
 
 def cli(workdir, cache, *overrides, popen=False):
@@ -157,6 +157,26 @@ def test_resume_sees_exactly_the_uninterrupted_batches(tmp_path, tiny_config, mo
   assert {**first['loss_history'], **second['loss_history']} == straight['loss_history']
 
 
+def test_on_eval_can_stop_the_run_with_a_checkpoint(tmp_path, tiny_config):
+  """The loop's hook for callers (a sweep's pruner) sees each eval and may stop there."""
+  config, workdir, seen = tiny_config(train__steps=8, train__eval_every=2), str(tmp_path), []
+
+  def on_eval(step, evals):
+    seen.append((step, evals['val_loss']))
+    return step >= 4
+
+  result = train.run(config, workdir, on_eval=on_eval)
+  assert [s for s, _ in seen] == [2, 4]  # Not the eval before training; none after 4.
+  assert result['stopped_early'] and result['stopped_on_eval'] and result['step'] == 4
+  assert result['val_loss'] == seen[-1][1]
+  assert (tmp_path / 'checkpoints' / '4').is_dir()
+  assert train.run(config, workdir, on_eval=on_eval)['step'] == 6  # Resumed, stopped again.
+  # The last eval is seen too, and asking to stop there changes nothing.
+  result = train.run(config, workdir, on_eval=on_eval)
+  assert [s for s, _ in seen] == [2, 4, 6, 8]
+  assert result['step'] == 8 and not result['stopped_on_eval']
+
+
 def test_two_fresh_runs_give_identical_losses(tmp_path, tiny_config):
   a = train.run(tiny_config(train__steps=6), str(tmp_path / 'a'))
   b = train.run(tiny_config(train__steps=6), str(tmp_path / 'b'))
@@ -207,7 +227,7 @@ def test_finished_run_changes_nothing(tmp_path, tiny_config, capsys):
   config, ckpts = make_checkpoints(tmp_path, tiny_config)
   before = sorted((p, os.path.getmtime(p)) for p in glob.glob(str(ckpts / '**'), recursive=True))
   result = train.run(config, str(tmp_path / 'run'))
-  assert result['step'] == 6
+  assert result['step'] == 6 and result['val_bpb'] > 0  # Scored like a finished run.
   assert 'Training is already complete' in capsys.readouterr().out
   after = sorted((p, os.path.getmtime(p)) for p in glob.glob(str(ckpts / '**'), recursive=True))
   assert before == after

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,8 +62,7 @@ def test_scanned_logits_and_grads_equal_unrolled(style, remat):
       lambda p: loss(p, scan_cfg), has_aux=True))(stacked)
   np.testing.assert_allclose(got, want, atol=1e-5)
   # Gradients of the stacked layout are the unrolled ones, stacked.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               model.unstack_blocks(got_g), want_g)
+  chex.assert_trees_all_close(model.unstack_blocks(got_g), want_g, atol=1e-6, rtol=0)
 
 
 def test_layouts_round_trip_and_match_the_scanned_tree():
@@ -76,7 +76,7 @@ def test_layouts_round_trip_and_match_the_scanned_tree():
   assert stacked['blocks']['mlp']['up']['kernel'].shape == (3, 32, 64)
   back = model.unstack_blocks(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(unrolled)
-  jax.tree.map(np.testing.assert_array_equal, back, unrolled)
+  chex.assert_trees_all_equal(back, unrolled)
 
 
 def test_stacked_params_name_a_replicated_layers_axis():

@@ -97,14 +97,19 @@ def _messages(line: str, where: str) -> list[dict]:
 
 
 def render(messages: list[dict], template: str,
-           tokenizer: tokenizer_lib.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids of a conversation and the loss weight of each id as a target."""
+           tokenizer: tokenizer_lib.Tokenizer, *,
+           learn_from: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids of a conversation and the loss weight of each id as a target.
+
+  Messages before index ``learn_from`` carry no weight even if they are the
+  assistant's (a preference pair's shared prompt, llm_jax/data/preference.py).
+  """
   if template.count('{content}') != 1:
     raise UserError(f'sft.template={template!r} must contain {{content}} once.')
   ids, weights = [], []
-  for m in messages:
+  for i, m in enumerate(messages):
     head, tail = template.replace('{role}', m['role']).split('{content}')
-    learn = float(m['role'] == ASSISTANT)
+    learn = float(m['role'] == ASSISTANT and i >= learn_from)
     for text, w in ((head, 0.0), (m['content'] + tail, learn)):
       piece = tokenizer.encode(text) if text else []
       ids += piece

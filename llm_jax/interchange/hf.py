@@ -166,7 +166,7 @@ def _rope_settings(hf: dict) -> tuple[float, float]:
   raise UserError(
       f'RoPE scaling type {kind!r} in config.json is not supported: only '
       "'linear' (and none) are. Import a model without it, or add that scaling "
-      'to llm_jax/model.py rope_tables.')
+      'to llm_jax/model/transformer.py rope_tables.')
 
 
 def model_settings(hf: dict) -> tuple[str, dict, int, int]:

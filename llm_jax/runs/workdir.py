@@ -30,7 +30,7 @@ from llm_jax.core import files
 from llm_jax.core.errors import UserError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import optim, sharding, steps, trainer
+from llm_jax.training import sharding, steps, trainer
 
 CONFIG_FILE = 'config.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -50,6 +50,8 @@ class Run:
   tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer, or None if the run has none
   step: int
   meta: dict  # the checkpoint's metadata (see trainer.checkpoint_meta)
+  # A DPO/GRPO run's frozen reference (TrainState.ref_params), else None.
+  ref_params: Any = None
 
   def model(self):
     """The NNX Transformer with these parameters."""
@@ -168,9 +170,11 @@ def load(workdir: str, step: int | None = None) -> Run:
   # Layer by layer from here on (decode, export and conversion walk blocks/0,
   # blocks/1, ...), even if the run scanned over stacked layers.
   model_cfg, graphdef, params = tr.unrolled(state.params)
+  ref_params = None if state.ref_params is None else tr.unrolled(state.ref_params)[2]
   return Run(workdir=workdir, config=config, model_cfg=model_cfg,
              graphdef=graphdef, params=params,
-             tokenizer=load_tokenizer(workdir), step=step, meta=meta)
+             tokenizer=load_tokenizer(workdir), step=step, meta=meta,
+             ref_params=ref_params)
 
 
 def load_state(workdir: str, step: int | None = None) -> steps.TrainState:
@@ -223,16 +227,18 @@ def require_tokenizer(run):
 
 def write(workdir: str, config, params: dict, *, vocab_size: int,
           tokenizer_bytes: bytes | None, source: dict, step: int = 0,
-          protect: tuple[str, ...] = ()) -> str:
+          protect: tuple[str, ...] = (),
+          extra_files: dict[str, bytes] | None = None) -> str:
   """Writes a new run directory: config.json, tokenizer.model, checkpoints/<step>.
 
   The directory appears whole or not at all (``files.atomic_dir``); an existing
   non-empty ``workdir`` is refused, and so is one that is, holds or lies
-  inside a directory of ``protect`` (the run or HF directory it comes
-  from). The checkpoint is a whole ``TrainState``
-  (fresh optimizer state) with the metadata ``trainer.checkpoint_meta``
-  writes; an import has no training data, so its data hash is None
-  (``checkpoint.check_compatible`` then skips it).
+  inside a directory of ``protect`` (the run or HF directory it comes from).
+  The checkpoint is a whole ``TrainState`` (fresh optimizer state,
+  ``trainer.make_tx``'s) with the metadata ``trainer.checkpoint_meta`` writes;
+  an import has no training data, so its data hash is None
+  (``checkpoint.check_compatible`` then skips it). ``extra_files`` (name ->
+  bytes) are written into the directory too (a pruned run's masks).
   """
   workdir = os.path.abspath(workdir)
   with files.atomic_dir(workdir, protect=protect, what='run directory') as tmp:
@@ -241,7 +247,9 @@ def write(workdir: str, config, params: dict, *, vocab_size: int,
       # Where the tokenizer will be once the directory is renamed into place.
       config.tokenizer.path = os.path.join(workdir, TOKENIZER_FILE)
     files.atomic_write_json(os.path.join(tmp, CONFIG_FILE), json.loads(config.to_json()))
-    tx = optim.make_optimizer(config.optim, config.train.steps)
+    for name, data in (extra_files or {}).items():
+      files.atomic_write(os.path.join(tmp, name), data)
+    tx = trainer.make_tx(config)
     params = jax.device_put(params, jax.devices()[0])
     state = steps.TrainState(
         step=jnp.asarray(step, jnp.int32), params=params, opt_state=tx.init(params),

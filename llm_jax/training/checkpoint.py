@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 from llm_jax.core.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
-_MUST_MATCH = ('model', 'lora')
+# ('prune': keep_zeros adds keep masks to the optimizer state; 'objective':
+# DPO/GRPO add a reference copy of the parameters.)
+_MUST_MATCH = ('model', 'lora', 'prune', 'objective')
 # Orbax's names: the marker written last into a finished step directory, and
 # the infix of a step directory still being written.
 _COMMIT_MARKER = 'commit_success.txt'

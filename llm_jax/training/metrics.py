@@ -121,6 +121,10 @@ class Throughput:
     return self.tokens_per_step / self.tokens_per_sec()
 
 
+# What every train step reports; anything else is an objective's own metric.
+_STEP_KEYS = ('loss', 'grad_norm', 'lr', 'finite')
+
+
 class ProgressLine:
   """One line per log interval; on a terminal it also refreshes in place."""
 
@@ -133,8 +137,12 @@ class ProgressLine:
   def text(self, step: int, m: dict, thr: Throughput) -> str:
     eta = (self.total - step) * thr.seconds_per_step()
     eta_s = format_duration(eta) if np.isfinite(eta) else '?'
+    # An objective's own metrics (reward accuracy, KL, ...) replace perplexity.
+    extra = [k for k in m if k not in _STEP_KEYS]
+    middle = (''.join(f'{k} {m[k]:.4f} | ' for k in extra) if extra else
+              f'ppl {np.exp(min(m["loss"], 50)):8.2f} | ')
     return (f'step {step:>{len(str(self.total))}}/{self.total} | '
-            f'loss {m["loss"]:.4f} | ppl {np.exp(min(m["loss"], 50)):8.2f} | '
+            f'loss {m["loss"]:.4f} | {middle}'
             f'{thr.tokens_per_sec():7,.0f} tok/s | MFU {100 * thr.mfu():4.1f}% | '
             f'lr {m["lr"]:.2e} | ETA {eta_s}')
 
