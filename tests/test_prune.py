@@ -19,6 +19,7 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
+from llm_jax import evaluate
 from llm_jax import prune as prune_cli
 from llm_jax import train
 from llm_jax.compression import prune, structured
@@ -159,6 +160,13 @@ def test_prune_writes_a_run_with_exact_zeros_and_masks(random_run, tmp_path, cap
   counts = sparsity.count(pruned.params)
   assert counts['prunable_zeros'] == sum(m.size - m.sum() for m in masks.values())
   assert sum(m.sum() for m in masks.values()) * 2 == sum(m.size for m in masks.values())
+  if scope == 'layer':  # evaluate reports the size next to the perplexity.
+    results = evaluate.main([f'--workdir={out}', '--eval_batches=1'])
+    mlp = sum(m.size for m in masks.values())
+    assert results['params'] == pruned.model_cfg.num_params()
+    assert results['params_nonzero'] == results['params'] - mlp // 2
+    assert results['sparsity'] == pytest.approx(mlp / 2 / counts['prunable_params'])
+    assert f'| sparsity | {results["sparsity"]:.4f} |' in capsys.readouterr().out
 
 
 def test_a_run_from_before_pruning_existed_prunes(random_run, tmp_path, capsys):

@@ -106,6 +106,7 @@ def _smallest(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def unstructured_masks(kernels: dict, share: float, scope: str) -> dict[str, np.ndarray]:
+  """Keep masks without the ``share`` smallest |w|, per kernel or over all of them."""
   if scope == 'layer' or not kernels:
     return {k: _smallest(np.abs(w), round(share * w.size)) for k, w in kernels.items()}
   names = list(kernels)
@@ -117,6 +118,7 @@ def unstructured_masks(kernels: dict, share: float, scope: str) -> dict[str, np.
 
 
 def n_m_masks(kernels: dict, n: int, m: int) -> dict[str, np.ndarray]:
+  """Keep masks of the ``n`` largest |w| in every ``m`` consecutive inputs of an output."""
   masks = {}
   for name, w in kernels.items():
     w_IO = as_matrix(name, w)
@@ -132,6 +134,7 @@ def n_m_masks(kernels: dict, n: int, m: int) -> dict[str, np.ndarray]:
 
 
 def row_masks(kernels: dict, share: float) -> dict[str, np.ndarray]:
+  """Keep masks without the ``share`` of output channels of least L2 norm, per kernel."""
   masks = {}
   for name, w in kernels.items():
     w_IO = as_matrix(name, w)
