@@ -31,12 +31,20 @@ def get_config() -> ml_collections.ConfigDict:
   # tokenizer.path is '' the source's tokenizer.model is used. '': off. A run
   # that has its own checkpoints resumes from them and ignores this.
   c.init_from = ''
+  # What the run optimises (llm_jax/training/objectives.py, docs/alignment.md):
+  # 'lm' (next-token, masked-token or SFT cross-entropy, by model.kind and
+  # data.source), 'reward' (a reward model on preference pairs), 'dpo' or
+  # 'orpo' (preference pairs), 'grpo' (prompts, on-policy rollouts).
+  # 'reward', 'dpo' and 'orpo' read data.source='preference'; 'grpo' reads
+  # data.source='prompts'.
+  c.objective = 'lm'
 
   # ---- Data: raw text -> cleaned documents -> token shards (see llm_jax/data/).
   c.data = ml_collections.ConfigDict()
   # Where documents come from: 'default' (the Python standard library's own
   # .py files, no download), 'text' (plain-text files), 'jsonl' (one JSON
-  # object per line) or 'tfds' (a TensorFlow Datasets name).
+  # object per line) or 'tfds' (a TensorFlow Datasets name). Conversations:
+  # 'sft' (chat JSONL), 'preference' (pairs) and 'prompts' (for GRPO).
   c.data.source = 'default'
   # For 'text' and 'jsonl': comma-separated file globs, e.g. 'data/*.txt'.
   c.data.paths = ''
@@ -157,6 +165,39 @@ def get_config() -> ml_collections.ConfigDict:
   # more than this (the official evaluation's null-score threshold).
   c.task.null_threshold = 0.0
 
+  # ---- Preference objectives (data.source='preference': JSONL lines of
+  # {"prompt", "chosen", "rejected"}, see llm_jax/data/preference.py).
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1  # Strength of the pull to the reference (DPO's beta).
+  # 'sigmoid' (DPO) or 'ipo' (squared loss on per-token log-ratios).
+  c.dpo.loss = 'sigmoid'
+  # Share of pairs assumed mislabelled (conservative DPO), in [0, 0.5).
+  c.dpo.label_smoothing = 0.0
+  c.orpo = ml_collections.ConfigDict()
+  c.orpo.beta = 0.1  # Weight of ORPO's odds-ratio term beside the NLL.
+
+  # ---- GRPO (objective='grpo', data.source='prompts': JSONL lines of
+  # {"prompt", ...}; see llm_jax/inference/rollouts.py).
+  c.rl = ml_collections.ConfigDict()
+  # The reward of a completion: 'module:function' (or 'path/file.py:function'),
+  # called as function(prompt, completion, row) -> float, where row is the
+  # prompt's whole JSONL line. Or set rl.reward_model instead.
+  c.rl.reward = ''
+  # A reward-model run (objective='reward', same tokenizer as the policy)
+  # whose score of prompt + completion is the reward. '': use rl.reward.
+  c.rl.reward_model = ''
+  # Completions sampled per prompt (the group whose rewards are normalised);
+  # train.batch_size counts completions and must be a multiple of it.
+  c.rl.num_generations = 8
+  c.rl.max_new_tokens = 32  # Longest completion; prompts get the rest of seq_len.
+  c.rl.temperature = 1.0  # Sampling temperature of the rollouts (> 0).
+  c.rl.epsilon = 0.2  # Clip range of the importance ratio.
+  # Weight of the k3 KL penalty to the reference (the starting weights, or
+  # with LoRA the base); 0 holds no reference at all.
+  c.rl.beta = 0.04
+  # Held-out prompts scored (greedy completions) at each eval; 0: all of them.
+  c.rl.eval_prompts = 64
+
   # ---- LoRA: low-rank adapters on chosen kernels, the base frozen.
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 0  # Adapter rank; 0 turns LoRA off (full fine-tuning).
@@ -174,6 +215,15 @@ def get_config() -> ml_collections.ConfigDict:
   # attention through jax.nn.dot_product_attention, NVIDIA GPUs), 'splash'
   # (Pallas splash attention, TPUs) or 'auto' (the best the platform has).
   c.model.attention = 'xla'
+
+  # ---- Pruning (python -m llm_jax.prune; docs/compression.md).
+  c.prune = ml_collections.ConfigDict()
+  # Recovery fine-tuning of a pruned run: block kernel weights that are
+  # exactly zero at the start (init_from a pruned run) get no gradient and no
+  # update, so they stay exactly zero. The keep masks live in the optimizer
+  # state: checkpoints carry them and a resume needs nothing else. A pruned
+  # run's config.json sets it, and configs/continued.py copies it from there.
+  c.prune.keep_zeros = False
 
   # ---- Optimizer: AdamW, linear warmup then cosine decay.
   c.optim = ml_collections.ConfigDict()
@@ -198,7 +248,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 250  # Steps between validation passes (0: end only).
   c.train.eval_batches = 16  # Batches per validation pass.
   # A JSONL of {"prompt","reference"} / {"prompt","answer"} lines scored at
-  # every eval (BLEU, ROUGE, exact match; see llm_jax/evaluate.py). '': none.
+  # every eval (BLEU, ROUGE, exact match; see llm_jax/evaluation/tasks.py). '': none.
   c.train.eval_tasks = ''
   c.train.eval_task_tokens = 32  # New tokens generated per eval task.
   # A peak FLOP/s per device for MFU; 0 means a known table value for TPUs
@@ -217,6 +267,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (for queues with time limits). 0: run to train.steps.
   c.train.stop_at = 0
   c.train.compile_cache = True  # Reuse compiled steps from <workdir>/xla_cache.
+  # A run directory whose tb/ shows earlier training but whose checkpoints/
+  # holds none (deleted, moved, or that run stopped before its first save)
+  # is refused, so lost checkpoints never silently restart a run at step 0.
+  # True: train from step 0 there anyway (the old tb/ is moved aside, kept).
+  c.train.allow_fresh_start = False
   # Cross-entropy over chunks of this many positions (0: all at once). Each
   # chunk's logits are recomputed in the backward pass, so the full float32
   # [batch, seq, vocab] logits never exist: large vocabularies fit.
@@ -228,7 +283,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1  # Fully sharded: params/optimizer state split, batch too.
   c.mesh.tensor = 1  # Tensor parallel: heads, MLP and vocab split.
   # Logical axis name -> mesh axis (or None: replicated). Parameters name
-  # their axes (see llm_jax/model.py); these rules place them on the mesh.
+  # their axes (see llm_jax/model/transformer.py); these rules place them on the mesh.
   c.mesh.rules = (
       ('batch', ('data', 'fsdp')),
       ('vocab', 'tensor'),

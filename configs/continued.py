@@ -9,7 +9,9 @@ The model section is copied from the source's config.json (so the shapes fit)
 and ``init_from`` points at it: parameters come from its newest checkpoint (or
 name a step: runs/x/checkpoints/500), the tokenizer is its tokenizer.model,
 and optimizer state, schedule and data are this run's own. The learning rate
-is a tenth of pre-training's, as is usual when continuing. Expected: the
+is a tenth of pre-training's, as is usual when continuing. A pruned source
+(python -m llm_jax.prune) passes on prune.keep_zeros, so this is also the
+recovery fine-tuning after pruning (docs/compression.md). Expected: the
 validation loss on the new data falls below its value at step 0. Measured
 (docs/fine-tuning.md): configs/tiny.py's model, exported,
 re-imported and extended by 300 Chinese pieces, on 60 short Chinese documents

@@ -5,7 +5,7 @@
     python -m llm_jax.train --config=configs/gpt2_124m.py:v5p-8 --dry_run --topology=v5p:2x2x1
 
 Hardware after the colon: v5p-8, v5p-32, v5e-8, v5e-16, h100x8, cpu (see
-HARDWARE in llm_jax/configuration.py). The batch is 0.5M tokens (512 x 1024)
+HARDWARE in llm_jax/core/configuration.py). The batch is 0.5M tokens (512 x 1024)
 as in GPT-2, in 4 micro-batches.
 Should reach: roughly 3.3 nats/token validation loss on web text after 10B
 tokens (19k steps), by analogy with published GPT-2 124M runs; not yet

@@ -5,7 +5,7 @@
     python -m llm_jax.train --config=configs/llama_1b.py:v5p-8 --dry_run --topology=v5p:2x2x1
 
 Hardware after the colon: v5p-8, v5p-32, v5e-8, v5e-16, h100x8, cpu (see
-HARDWARE in llm_jax/configuration.py); parameters and optimizer state are
+HARDWARE in llm_jax/core/configuration.py); parameters and optimizer state are
 split over all chips (FSDP). Batch: 1M tokens (512 x 2048) in 8 micro-batches.
 Should reach: under 3.0 nats/token validation loss on web text after 20B
 tokens (20k steps), by analogy with published 1B runs; not yet measured with

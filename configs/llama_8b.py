@@ -5,7 +5,7 @@
     python -m llm_jax.train --config=configs/llama_8b.py:v5p-32 --dry_run --topology=v5p:2x2x4
 
 Hardware after the colon: v5p-8, v5p-32, v5e-8, v5e-16, h100x8, cpu (see
-HARDWARE in llm_jax/configuration.py); parameters and optimizer state are
+HARDWARE in llm_jax/core/configuration.py); parameters and optimizer state are
 split over all chips (FSDP). Batch: 1M tokens (512 x 2048) in 32
 micro-batches. Should reach: about 2.5 nats/token validation loss on web
 text after 100B tokens (100k steps), by analogy with published 8B runs; not

@@ -5,7 +5,7 @@ same figures as JSON):
 
   train       compile time, steady-state step time, tokens/s, MFU and peak
               memory of the real train step on random tokens (no TensorFlow).
-  data        batches/s of the tf.data input pipeline against the batches/s a
+  data        batches/s of the input pipeline against the batches/s a
               train step consumes.
   checkpoint  save and restore bytes/s of the train state, and how long an
               async save holds the loop against the step time.

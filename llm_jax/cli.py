@@ -12,6 +12,7 @@ and hands ``cli.run`` a ``main`` that makes one library call. ``cli.run``:
 """
 
 import logging
+import os
 import re
 import sys
 from typing import Any
@@ -101,9 +102,13 @@ def define_config(fv: flags.FlagValues):
 
 
 def config_error(argv: list[str]) -> Callable[[Exception], str]:
-  """The one line for a ``--config.*`` override naming a key the config lacks."""
+  """The one line for a config file that fails to load, or an unknown override key."""
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')),
+              next((b for a, b in zip(argv, argv[1:]) if a == '--config'), '?'))
 
-  def unknown_key(e: Exception) -> str:
+  def message(e: Exception) -> str:
+    if _raised_in(e, path) or isinstance(e, (OSError, SyntaxError)):
+      return config_file_message(e, path)  # The file itself is broken or missing.
     if not isinstance(e, (KeyError, AttributeError)):
       raise e
     # ml_collections: an override naming a key the config does not have.
@@ -116,7 +121,44 @@ def config_error(argv: list[str]) -> Callable[[Exception], str]:
             + (f' (did you mean {hint.group(1)!r}?)' if hint else '')
             + '. configs/base.py declares every key.')
 
-  return unknown_key
+  return message
+
+
+def _raised_in(e: BaseException, path: str) -> bool:
+  """Whether the exception's traceback passes through the config file."""
+  real = os.path.realpath(path.split(':')[0])
+  tb = e.__traceback__
+  while tb is not None:
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == real:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def config_file_message(e: BaseException, path: str) -> str:
+  """``Cannot load the config file ...``: naming the file and, if known, the line."""
+  if isinstance(e, SyntaxError):
+    where = f'{e.filename or path}, line {e.lineno}'
+    return (f'Cannot load the config file {path!r}: {e.msg} ({where}). Fix that line, '
+            'or pass another file, e.g. --config=configs/base.py.')
+  line = None
+  tb = e.__traceback__
+  real = os.path.realpath(path.split(':')[0])
+  while tb is not None:  # The innermost line of the config file itself.
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == real:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  inner = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], KeyError) else e
+  text = str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner)
+  lines = [l.strip() for l in text.strip().splitlines()] or [type(e).__name__]
+  # ml_collections wraps a missing file's errno in lines of its own: keep that.
+  last = lines[-1] if isinstance(e, OSError) else ' '.join(lines)
+  if line is not None:
+    return (f'Cannot load the config file {path!r}: {type(e).__name__}: {last} '
+            f'({path}, line {line}). Fix that line, or pass another file, e.g. '
+            '--config=configs/base.py.')
+  return (f'Cannot load the config file {path!r}: {last}. Pass an existing file '
+          'that defines get_config(), e.g. --config=configs/base.py.')
 
 
 def load_config(config_flag, fv: flags.FlagValues):
@@ -125,11 +167,11 @@ def load_config(config_flag, fv: flags.FlagValues):
     config = config_flag.value
     if config is not None:
       config.keys()  # A file that failed to load raises on first use.
-  except (OSError, SyntaxError, AttributeError) as e:
+  except Exception as e:  # pylint: disable=broad-except
     path = fv['config'].config_filename if 'config' in fv else '?'
-    last = str(e).strip().splitlines()[-1].strip()
-    fail(f'Cannot load the config file {path!r}: {last}. Pass an existing file '
-         'that defines get_config(), e.g. --config=configs/base.py.')
+    if not (isinstance(e, (OSError, SyntaxError, AttributeError)) or _raised_in(e, path)):
+      raise
+    fail(config_file_message(e, path))
   if config is None:
     fail('No config given. Pass --config=configs/base.py (or another file in configs/).')
   return config

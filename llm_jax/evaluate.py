@@ -15,7 +15,14 @@ accuracy, macro-F1 and the confusion matrix, beside the majority-class
 baseline; QA by the official SQuAD exact match and F1 (v2: also the
 answerable and unanswerable parts).
 
-Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``.
+Preferences (``--preferences=GLOB``): ``{"prompt", "chosen", "rejected"}``
+lines; a reward model's (or DPO's implicit) reward accuracy and margin, and
+for any decoder how often the chosen response is the likelier one
+(docs/alignment.md).
+
+Results print as a Markdown table and go to ``<workdir>/eval/<name>.json``,
+with the run's size: parameters (all, and non-zero), the sparsity of its block
+kernels (after ``python -m llm_jax.prune``) and bytes stored dense and sparse.
 
 Plots: ``python -m llm_jax.evaluate --plot --workdir=RUN [--workdir=RUN2]
 --out=curves.png`` draws loss and learning-rate curves from ``<workdir>/tb``.
@@ -30,7 +37,7 @@ from absl import flags
 
 from llm_jax import cli
 from llm_jax.core.errors import UserError
-from llm_jax.evaluation import encoder_tasks, lm, plots, tasks
+from llm_jax.evaluation import encoder_tasks, lm, pairs, plots, tasks
 from llm_jax.runs import workdir as workdir_lib
 
 PROG = 'python -m llm_jax.evaluate'
@@ -52,6 +59,8 @@ flags.DEFINE_string('tasks', '', 'JSONL of {"prompt","reference"} / {"prompt","a
                     flag_values=FLAGS)
 flags.DEFINE_string('task_data', '', "A task head's examples: JSONL (classification) or "
                     "SQuAD JSON (qa); default the run's task.val_path.", flag_values=FLAGS)
+flags.DEFINE_string('preferences', '', 'JSONL glob of {"prompt","chosen","rejected"} '
+                    'pairs: reward accuracy and margins.', flag_values=FLAGS)
 flags.DEFINE_integer('max_new_tokens', 32, 'Generated tokens per task.', lower_bound=1,
                      flag_values=FLAGS)
 flags.DEFINE_string('name', '', 'Results file name under <workdir>/eval/ (no .json; '
@@ -75,6 +84,9 @@ def _result_name() -> str:
     return 'tasks-' + os.path.splitext(os.path.basename(FLAGS.tasks))[0]
   if FLAGS.task_data:
     return 'task-' + os.path.splitext(os.path.basename(FLAGS.task_data))[0]
+  if FLAGS.preferences:
+    return 'preferences-' + ''.join(c if c.isalnum() else '_'
+                                    for c in FLAGS.preferences).strip('_')
   if FLAGS.file:
     return 'file-' + ''.join(c if c.isalnum() else '_' for c in FLAGS.file).strip('_')
   return f'{FLAGS.source or "data"}-{FLAGS.split}'
@@ -93,7 +105,7 @@ def _main() -> dict:
     raise UserError('Give one --workdir to evaluate (several only with --plot).')
   name = _result_name()
   run = workdir_lib.load(FLAGS.workdir[0], FLAGS.step)
-  results = {'workdir': run.workdir, 'step': run.step}
+  results = {'workdir': run.workdir, 'step': run.step, **lm.model_size(run)}
   if run.model_cfg.head != 'lm':
     results.update(encoder_tasks.evaluate_run(run, FLAGS.task_data))
   elif FLAGS.task_data:
@@ -101,6 +113,9 @@ def _main() -> dict:
   elif FLAGS.tasks:
     results.update(tasks=FLAGS.tasks, **tasks.score_tasks(
         run, tasks.read_tasks(FLAGS.tasks), max_new_tokens=FLAGS.max_new_tokens))
+  elif FLAGS.preferences:
+    results.update(pairs.evaluate_preferences(run, FLAGS.preferences,
+                                              batch_size=FLAGS.batch_size))
   elif FLAGS.file:
     results.update(lm.evaluate_files(run, FLAGS.file, batch_size=FLAGS.batch_size))
   else:

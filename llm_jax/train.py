@@ -19,7 +19,7 @@ from absl import flags
 from llm_jax import cli
 from llm_jax.core.configuration import check_keys
 from llm_jax.jobs.train import run  # The notebook door: llm_jax.train.run(config, workdir).
-from llm_jax.training import aot, sharding
+from llm_jax.training import aot, sharding, trainer
 
 PROG = 'python -m llm_jax.train'
 FLAGS = cli.flag_values()
@@ -50,6 +50,7 @@ def _main() -> dict:
                                   _PROCESS_ID.value)
   if _DRY_RUN.value or _TOPOLOGY.value:
     check_keys(config)
+    trainer.check_config(config)
     print(aot.format_report(aot.dry_run(config, _TOPOLOGY.value)), flush=True)
     return {}
   return run(config, _WORKDIR.value or None)

@@ -77,7 +77,7 @@ def test_model_config_names_the_backends():
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu]'")
 @pytest.mark.slow
 def test_splash_compiles_for_a_tpu_slice():
-  """Ahead of time, for a v5p slice that is not here (as llm_jax/aot.py does)."""
+  """Ahead of time, for a v5p slice that is not here (as llm_jax/training/aot.py does)."""
   from llm_jax.training import aot  # pylint: disable=g-import-not-at-top
   devices = aot.topology_devices('v5p:2x2x1')
   sharding = jax.sharding.SingleDeviceSharding(devices[0])

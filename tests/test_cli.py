@@ -32,6 +32,26 @@ def test_bad_flags_give_one_clear_line(args, message):
   assert message in err
 
 
+def test_config_problems_give_one_line_before_anything_is_created(tmp_path):
+  (tmp_path / 'broken.py').write_text('def get_config(:\n  return None\n')
+  cases = [
+      (['--config=configs/tiny.py', '--config.train.batch_size=0'],
+       'train.batch_size=0 must be an integer of at least 1'),
+      ([f'--config={tmp_path}/broken.py'],
+       f"Cannot load the config file '{tmp_path}/broken.py': invalid syntax "
+       f'({tmp_path}/broken.py, line 1)'),
+      ([f'--config={tmp_path}/nope.py', '--config.train.steps=3'],
+       f"Cannot load the config file '{tmp_path}/nope.py': [Errno 2] No such file"),
+  ]
+  for args, message in cases:
+    code, err = train_cli(*args, f'--workdir={tmp_path}/run',
+                          f'--config.data.cache_dir={tmp_path}/cache')
+    assert code == 2, (args, err)
+    assert err.startswith('error: ') and len(err.splitlines()) == 1, err
+    assert message in err, err
+  assert sorted(os.listdir(tmp_path)) == ['broken.py'], 'something was created'
+
+
 def test_empty_glob_gives_one_clear_line(tmp_path):
   code, err = train_cli('--config=configs/tiny.py', '--config.data.source=text',
                         f'--config.data.paths={tmp_path}/none/*.txt',

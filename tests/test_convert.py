@@ -164,6 +164,27 @@ def test_cli_import_export_and_errors(tmp_path, capsys, command_status):
   assert command_status(convert_cli.main, ['--help']) == 0
 
 
+def test_outputs_may_not_be_hold_or_enter_the_source_run(tmp_path, capsys, command_status):
+  hf_dir = _save(_gpt2(), tmp_path / 'hf')
+  run = tmp_path / 'run'
+  assert command_status(convert_cli.main, ['import', f'--hf_dir={hf_dir}', f'--workdir={run}']) == 0
+  before = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  capsys.readouterr()
+  for out, message in ((run, 'is or holds'), (tmp_path, 'is or holds'),
+                       (run / 'hf', 'lies inside')):
+    assert command_status(convert_cli.main, ['export', f'--workdir={run}', f'--out={out}']) == 2
+    assert message in capsys.readouterr().err, out
+    assert command_status(convert_cli.main, ['extend_vocab', f'--workdir={run}', f'--out={out}',
+                 f'--text={hf_dir}/config.json', '--num_pieces=4']) == 2
+    assert message in capsys.readouterr().err, out
+  # An import may not land inside the directory it reads either.
+  assert command_status(convert_cli.main, ['import', f'--hf_dir={hf_dir}', f'--workdir={hf_dir}/run']) == 2
+  assert 'lies inside' in capsys.readouterr().err
+  after = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  assert after == before and sorted(os.listdir(tmp_path)) == ['hf', 'run']
+  assert not os.path.exists(f'{hf_dir}/run')
+
+
 def test_bfloat16_checkpoint_imports(tmp_path):
   torch.manual_seed(2)
   model = _llama()

@@ -1,4 +1,4 @@
-"""Tests of llm_jax/decode.py: the KV cache against full recompute, padding, sampling."""
+"""Tests of llm_jax/inference/decode.py: the KV cache against full recompute, padding, sampling."""
 
 import jax
 import numpy as np
@@ -139,3 +139,71 @@ def test_generate_helper_cuts_at_eos(llama):
   assert got[1] == full[1][:1]
   assert got[0] == (full[0][:full[0].index(full[1][1])] if full[1][1] in full[0]
                     else full[0])
+
+
+# ---- Step by step (the export's prefill / decode_step / score signatures).
+
+_prefill = jax.jit(decode.prefill, static_argnames='graphdef')
+_step = jax.jit(decode.decode_step, static_argnames='graphdef')
+
+
+def _stepwise(lm, prompts, joins, *, steps, temperature, top_k=0, top_p=1.0, seed=0):
+  """Rows join a shared cache at steps ``joins`` and then step together, as a
+  server's continuous batch does; returns each row's ``steps`` tokens."""
+  graphdef, params = lm
+  B, S = len(prompts), TINY['max_len']
+  cache = np.zeros((B, 2, 2, S, 2, 8), np.float32)
+  sampling = lambda rows: [np.full(rows, seed, np.int32), np.arange(B, dtype=np.int32)[:rows],
+                           np.full(rows, temperature, np.float32), np.full(rows, top_k, np.int32),
+                           np.full(rows, top_p, np.float32)]
+  got = [[] for _ in prompts]
+  t = 0
+  while any(len(g) < steps for g in got):
+    for r in [r for r in range(B) if joins[r] == t]:
+      width = 16
+      tokens = np.zeros((1, width), np.int32)
+      tokens[0, :len(prompts[r])] = prompts[r]
+      seed_1, index_1, *rest = sampling(B)
+      out = _prefill(params, tokens, np.int32([len(prompts[r])]), seed_1[:1], index_1[r:r + 1],
+                     *(x[:1] for x in rest), graphdef=graphdef)
+      cache[r, :, :, :width] = np.asarray(out['cache'])[0]
+      got[r].append(int(out['token'][0]))
+    live = [r for r in range(B) if joins[r] < t and len(got[r]) < steps]
+    if live:
+      last = np.int32([got[r][-1] if r in live else 0 for r in range(B)])
+      # Idle rows write their slot S-1, which a row writes before it reads.
+      pos = np.int32([len(prompts[r]) + len(got[r]) - 1 if r in live else S - 1
+                      for r in range(B)])
+      step = np.int32([len(got[r]) for r in range(B)])
+      out = _step(params, cache, last, pos, step, *sampling(B), graphdef=graphdef)
+      cache[np.arange(B), :, :, pos] = np.asarray(out['kv'])  # The caller writes the slot.
+      for r in live:
+        got[r].append(int(out['token'][r]))
+    t += 1
+  return got
+
+
+@pytest.mark.parametrize('sampling', [dict(temperature=0.0),
+                                      dict(temperature=1.0, seed=5),
+                                      dict(temperature=0.8, top_k=5, top_p=0.9, seed=2)],
+                         ids=['greedy', 'sampled', 'cut'])
+def test_rows_joining_a_running_batch_get_the_tokens_of_decode(llama, sampling):
+  want, _, _ = _decode(llama, PROMPTS, max_new=6, width=6, **sampling)
+  got = _stepwise(llama, PROMPTS, joins=[0, 2, 3], steps=6, **sampling)
+  assert got == want
+
+
+def test_score_gives_each_tokens_log_probability(llama):
+  graphdef, params = llama
+  tokens = np.zeros((2, 12), np.int32)
+  tokens[0, :5], tokens[1, :9] = PROMPTS[0], PROMPTS[2]
+  out = jax.jit(decode.score, static_argnames='graphdef')(params, tokens, graphdef=graphdef)
+  logits = np.asarray(nnx.merge(graphdef, params)(tokens), np.float64)
+  logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = np.take_along_axis(logprobs[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(out['logprobs'])[:, 1:], want, atol=1e-4)
+  assert (np.asarray(out['logprobs'])[:, 0] == 0).all()
+  top = np.asarray(out['top_tokens'])
+  assert (top[:, 1:, 0] == logprobs[:, :-1].argmax(-1)).all()
+  np.testing.assert_allclose(np.asarray(out['top_logprobs'])[:, 1:, 0],
+                             logprobs[:, :-1].max(-1), atol=1e-4)

@@ -154,6 +154,20 @@ def test_cli_help_and_bad_input(tmp_path):
   assert bad.stderr.strip().count('\n') == 0 and 'no config.json' in bad.stderr
 
 
+@pytest.mark.parametrize('name', ['./../../escape', '../../escape', 'a/b', '..'])
+def test_name_cannot_leave_the_run_directory(runs, capsys, name):
+  """--name once wrote <workdir>/eval/../../escape.json outside the run."""
+  workdir, base = runs['dirs'][0], runs['base']
+  listing = lambda: sorted(str(p) for p in base.parent.rglob('*'))  # pylint: disable=unnecessary-lambda-assignment
+  before = listing()
+  with pytest.raises(SystemExit) as e:
+    evaluate.main([f'--workdir={workdir}', f'--name={name}', '--eval_batches=1'])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: --name='), err
+  assert listing() == before, 'something was written'
+
+
 def test_bad_tasks_file(tmp_path):
   (tmp_path / 't.jsonl').write_text('{"prompt": "x"}\n')
   with pytest.raises(UserError, match=r't.jsonl:1 needs a string "prompt"'):

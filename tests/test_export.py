@@ -1,4 +1,4 @@
-"""Tests of llm_jax/export.py: the SavedModel returns what llm_jax.generate returns.
+"""Tests of llm_jax/deploy/saved_model.py: the SavedModel returns what llm_jax.generate returns.
 
 One tiny run is trained and exported once for the module; the SavedModel is
 read back with TF2's ``tf.saved_model.load`` and with the TF1 session loader
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -112,6 +113,68 @@ def test_text_signature_returns_the_text_of_generate(exported, loaded, sampling)
     np.testing.assert_array_equal(np.asarray(got['counts']), want_counts)
 
 
+def _step_by_step(tf1, prompts, steps, sampling, slots):
+  """Generation through prefill and decode_step, the cache kept by the caller
+  (one row per prompt; all rows step together as a server's batch does)."""
+  B = len(prompts)
+  rows = dict(seed=np.full(B, sampling.get('seed', 0), np.int32),
+              index=np.arange(B, dtype=np.int32),
+              temperature=np.full(B, sampling.get('temperature', 0.0), np.float32),
+              top_k=np.full(B, sampling.get('top_k', 0), np.int32),
+              top_p=np.full(B, sampling.get('top_p', 1.0), np.float32))
+  tokens = np.zeros((B, 16), np.int32)
+  for r, p in enumerate(prompts):
+    tokens[r, :len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  out = tf1('prefill', tokens=tokens, lengths=lengths, **rows)
+  cache = np.zeros(out['cache'].shape[:3] + (slots,) + out['cache'].shape[4:], np.float32)
+  cache[:, :, :, :16] = out['cache']
+  got = [out['token']]
+  for j in range(1, steps):
+    positions = lengths + j - 1
+    out = tf1('decode_step', cache=cache, tokens=got[-1], positions=positions,
+              step=np.full(B, j, np.int32), **rows)
+    cache[np.arange(B), :, :, positions] = out['kv']
+    got.append(out['token'])
+  return np.stack(got, 1)
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+@pytest.mark.parametrize('sampling', SAMPLING, ids=['greedy', 'sampled'])
+def test_step_signatures_return_the_tokens_of_generate(exported, loaded, sampling):
+  run, _ = exported
+  _, tf1 = loaded
+  ids = [run.tokenizer.encode(p) or [run.tokenizer.eos_id] for p in PROMPTS]
+  # No stop tokens in the reference: every row runs all WIDTH steps.
+  want, _ = decode.decode_jit(
+      run.params, *decode.left_pad(ids, 16, 0), WIDTH, sampling.get('temperature', 0.0),
+      sampling.get('top_k', 0), sampling.get('top_p', 1.0), sampling.get('seed', 0),
+      graphdef=run.graphdef, width=WIDTH, stop_ids=(), pad_id=0)
+  np.testing.assert_array_equal(_step_by_step(tf1, ids, WIDTH, sampling,
+                                                run.model_cfg.max_len), np.asarray(want))
+
+
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_score_and_tokenizer_signatures(exported, loaded):
+  run, _ = exported
+  _, tf1 = loaded
+  tok = run.tokenizer
+  got = tf1('tokenize', text=np.array(PROMPTS[:2], dtype=object))
+  ids = [tok.encode(p) for p in PROMPTS[:2]]
+  assert [row[:n].tolist() for row, n in zip(got['tokens'], got['lengths'])] == ids
+  text = tf1('detokenize', tokens=got['tokens'], lengths=got['lengths'])['text']
+  assert [t.decode() for t in text] == [tok.decode(i) for i in ids]
+  scored = tf1('score', tokens=got['tokens'])
+  want = jax.jit(decode.score, static_argnames='graphdef')(
+      run.params, got['tokens'], graphdef=run.graphdef)
+  for key in ('logprobs', 'top_logprobs'):
+    np.testing.assert_allclose(scored[key], want[key], atol=1e-4)
+  np.testing.assert_array_equal(scored['top_tokens'][:, 1:, 0], want['top_tokens'][:, 1:, 0])
+  bad = np.array([[5, run.model_cfg.vocab_size]], np.int32)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='outside the vocabulary'):
+    tf1('score', tokens=bad)
+
+
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
 def test_bad_requests_are_errors_not_garbage(exported, loaded):
   run, _ = exported
@@ -166,7 +229,15 @@ def test_export_layout_and_info(exported):
   assert info['max_new_tokens'] == WIDTH and info['step'] == run.step
   # What a Session.Run client feeds and fetches, named in the export's JSON.
   tensors = info['signature_tensors']
-  assert set(tensors) == {'serving_default', export.TEXT_SIGNATURE}
+  assert set(tensors) == {'serving_default', export.TEXT_SIGNATURE, 'prefill',
+                          'decode_step', 'score', 'tokenize', 'detokenize'}
+  assert set(info['signatures']) == set(tensors)
+  cfg = run.model_cfg
+  assert info['cache'] == {'layers': cfg.num_layers, 'kv_heads': cfg.num_kv_heads,
+                           'head_dim': cfg.head_dim, 'slots': cfg.max_len,
+                           'dtype': 'float32'}
+  assert info['chat_template'] == run.config.sft.template
+  assert info['eos_id'] == run.tokenizer.eos_id
   assert set(tensors['serving_default']['inputs']) == {
       'tokens', 'lengths', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'seed'}
   assert all(':' in name for sig in tensors.values() for side in sig.values()
@@ -201,6 +272,39 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
   np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
 
 
+@pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.
+def test_int4_export_is_smaller_and_answers_like_its_jax_twin(exported, tmp_path):
+  run, out = exported
+  q_out = str(tmp_path / 'int4')
+  info = export.export(run.workdir, q_out, quantize='int4', group_size=32,
+                       max_new_tokens=WIDTH, platforms=('cpu',), batch_buckets=(1,),
+                       eval_batches=2, log=lambda *_: None)
+  # Blocks: 4 bits a weight plus a float32 scale per 32; the embedding and
+  # LM head (57% of this tiny model) int8; norms float32.
+  assert info['param_bytes'] < 0.23 * info['param_bytes_float32']
+  assert info['int4_group_size'] == 32 and not info['int4_embeddings']
+  formats = info['formats']
+  assert (formats['int4']['param_bytes'] == info['param_bytes'] <
+          formats['int8']['param_bytes'] < formats['float32']['param_bytes'])
+  ppl = info['perplexity']
+  assert abs(ppl['int4'] / ppl['float32'] - 1) < 0.1, ppl
+  # The in-graph unpacking gives the tokens of the dequantised JAX params.
+  specs, arrays, treedef = quantize.flatten_params(run.params, 'int4', 32)
+  deq = quantize.unflatten_params(specs, arrays, treedef)
+  prompts = [run.tokenizer.encode(p) or [run.tokenizer.eos_id] for p in PROMPTS[:3]]
+  tokens, lengths = decode.left_pad(prompts, 16, 0)
+  want = decode.decode_jit(deq, tokens, lengths, 10, 0.0, 0, 1.0, 0,
+                           graphdef=run.graphdef, width=WIDTH,
+                           stop_ids=decode.stop_ids(run), pad_id=decode.pad_id_of(run))
+  loaded = tf.saved_model.load(q_out)
+  got = loaded.signatures['serving_default'](
+      tokens=tf.constant(tokens), lengths=tf.constant(lengths),
+      **{k: tf.constant(v) for k, v in _scalars(max_new=10).items()})
+  np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
+  np.testing.assert_array_equal(got['counts'].numpy(), np.asarray(want[1]))
+  assert any(v.dtype == tf.uint8 for v in loaded.params)  # Packed nibbles.
+
+
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'config.json').write_text('{}')
@@ -214,6 +318,26 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith('error: ')
   assert 'no complete checkpoint' in proc.stderr
+
+
+def test_export_over_its_own_run_is_refused_and_the_run_kept(tmp_path):
+  """The defect: --out=RUN --overwrite once deleted the run it exported."""
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '20').mkdir(parents=True)
+  (run / 'checkpoints' / '20' / 'commit_success.txt').write_text('ok')
+  (run / 'config.json').write_text('{}')
+  before = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  proc = subprocess.run(
+      [sys.executable, '-m', 'llm_jax.export', f'--workdir={run}', f'--out={run}',
+       '--overwrite'], capture_output=True, text=True, timeout=120,
+      env={**os.environ, 'PYTHONPATH': os.getcwd()})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  # One line of ours (TF's C++ start-up chatter may come before it).
+  err = proc.stderr.strip().splitlines()
+  assert err[-1].startswith('error: ') and 'is or holds' in err[-1], err
+  assert sum(l.startswith('error') for l in err) == 1 and 'Traceback' not in proc.stderr
+  after = sorted((p, p.read_bytes()) for p in run.rglob('*') if p.is_file())
+  assert after == before and sorted(os.listdir(tmp_path)) == ['run']
 
 
 @pytest.mark.slow  # Trains and exports once for the module: ~2-4 min on 2 cores.

@@ -12,7 +12,7 @@ from llm_jax import convert as convert_cli
 from llm_jax.interchange import hf as convert
 from llm_jax.runs import init_from as finetune
 from llm_jax import train
-from llm_jax.training import trainer
+from llm_jax.training import steps
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.data import pipeline, shards
 from llm_jax.core.errors import UserError
@@ -59,7 +59,7 @@ def _val_loss(params, graphdef, config) -> float:
   total = count = 0.0
   for b in pipeline.eval_batches(windows, global_batch=config.train.batch_size,
                                  num_batches=config.train.eval_batches):
-    out = trainer.eval_step(params, {k: jax.numpy.asarray(v) for k, v in b.items()},
+    out = steps.eval_step(params, {k: jax.numpy.asarray(v) for k, v in b.items()},
                             graphdef=graphdef)
     total += float(out['loss_sum'])
     count += float(out['count'])

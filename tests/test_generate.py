@@ -18,7 +18,7 @@ def _cli(module, *args):
 
 @pytest.mark.parametrize('module', [
     'llm_jax.train', 'llm_jax.generate', 'llm_jax.evaluate', 'llm_jax.export',
-    'llm_jax.convert', 'llm_jax.fill_mask', 'llm_jax.bench'])
+    'llm_jax.convert', 'llm_jax.fill_mask', 'llm_jax.bench', 'llm_jax.prune'])
 def test_help_exits_0(module):
   proc = _cli(module, '--help')
   assert proc.returncode == 0, proc.stderr[-2000:]

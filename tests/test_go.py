@@ -1,7 +1,8 @@
-"""The Go client (serving/go) prints the tokens and text JAX generates.
+"""The Go runtime (serving/go): its unit tests, and llmjax-generate against JAX.
 
-Builds serving/go with its build.sh (cgo over the TensorFlow C API of the
-installed wheel) and runs it on the SavedModel of conftest's tiny export.
+serving/go/build.sh builds the module (cgo over the TensorFlow C API of the
+installed wheel); llmjax-generate runs on the SavedModel of conftest's tiny
+export and must print the tokens and text JAX generates.
 """
 
 import json
@@ -14,20 +15,25 @@ import pytest
 
 from llm_jax.inference import decode
 
-GO_DIR = os.path.join(os.path.dirname(__file__), '..', 'serving', 'go')
-
 pytestmark = pytest.mark.skipif(
     shutil.which('go') is None,
     reason='Go is not installed (apt-get install golang-go); serving/go is not built')
 
 
 @pytest.fixture(scope='module')
-def binary(tmp_path_factory):
-  env = {**os.environ, 'GOCACHE': str(tmp_path_factory.mktemp('gocache'))}
-  proc = subprocess.run(['bash', os.path.join(GO_DIR, 'build.sh'), sys.executable],
-                        capture_output=True, text=True, timeout=600, env=env)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-  return os.path.join(GO_DIR, 'llmjax-generate')
+def binary(go_build):
+  return os.path.join(go_build['bin'], 'llmjax-generate')
+
+
+@pytest.mark.slow  # Compiles the module's tests (cgo): about 30 s.
+def test_go_vet_and_unit_tests_pass(go_build):
+  proc = subprocess.run(['bash', go_build['build_sh'], '--test', sys.executable],
+                        capture_output=True, text=True, timeout=600, env=go_build['env'])
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  # Every package with tests ran them (a package whose tests vanish says so).
+  for package in ('export', 'engine', 'server', 'metrics', 'load', 'tfmodel',
+                  'cmd/llmjax-server'):
+    assert f'ok  \tllmjax/serving/{package}' in proc.stdout, proc.stdout
 
 
 def _run_go(binary, model_dir, args):
@@ -77,3 +83,22 @@ def test_go_reports_a_bad_request(binary, exported_tiny_run):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1
   assert 'outside the vocabulary' in proc.stderr
+  proc = subprocess.run([binary, '-model', out, '-ids', '5,x'], capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2 and 'not a comma-separated list' in proc.stderr
+
+
+@pytest.mark.slow
+def test_go_asks_for_a_re_export_without_signature_tensors(binary, exported_tiny_run,
+                                                          tmp_path):
+  _, out, _ = exported_tiny_run
+  old = tmp_path / 'old'
+  shutil.copytree(out, old)
+  record = old / 'assets.extra' / 'llm_jax_export.json'
+  info = json.loads(record.read_text())
+  del info['signature_tensors']
+  record.write_text(json.dumps(info))
+  proc = subprocess.run([binary, '-model', str(old), '-ids', '5'], capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1
+  assert 'older llm_jax' in proc.stderr and 'export the run again' in proc.stderr

@@ -3,6 +3,8 @@
 import io
 import math
 
+import numpy as np
+
 from llm_jax.training import metrics
 from llm_jax.model.transformer import ModelConfig
 
@@ -46,3 +48,22 @@ def test_gpt2_124m_mfu_under_the_stated_convention():
   thr._marks = [(0, 0.0), (1, 1.0)]
   assert math.isclose(thr.mfu(), 8.544384e13 / 989e12)
   assert math.isclose(thr.mfu(), 0.0863942, rel_tol=1e-6)
+
+
+def test_tensorboard_events_read_back_without_tensorflow_in_the_writer(tmp_path):
+  tb = metrics.TensorBoard(str(tmp_path / 'tb'))
+  tb.scalars(0, {'val_loss': 6.9})
+  for step in (1, 2, 3):
+    tb.scalars(step, {'loss': 1.0 / step, 'lr': 1e-3 * step})
+  tb.close()
+  # TensorBoard's own reader (the plots and the tests use it) sees them.
+  from llm_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
+  scalars = plots.read_scalars(str(tmp_path))
+  assert scalars['loss'] == {s: float(np.float32(1.0 / s)) for s in (1, 2, 3)}
+  assert scalars['val_loss'] == {0: float(np.float32(6.9))}
+  assert metrics.last_logged_step(str(tmp_path / 'tb')) == 3
+  # A writer killed mid-record leaves a torn tail: the whole records still count.
+  (path,) = (tmp_path / 'tb').iterdir()
+  path.write_bytes(path.read_bytes()[:-7])
+  assert metrics.last_logged_step(str(tmp_path / 'tb')) == 3
+  assert metrics.last_logged_step(str(tmp_path / 'none')) == 0

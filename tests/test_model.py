@@ -1,4 +1,4 @@
-"""Tests of llm_jax/model.py: a plain-numpy reference, causality, init, names."""
+"""Tests of llm_jax/model/transformer.py: a plain-numpy reference, causality, init, names."""
 
 import dataclasses
 import math

@@ -3,10 +3,14 @@
 import glob
 import hashlib
 import os
+import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -18,6 +22,7 @@ from conftest import stop_with_signal
 from llm_jax import train
 from llm_jax.data import pipeline
 from llm_jax.core.errors import UserError
+from llm_jax.runs import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +45,9 @@ def cli(workdir, cache, *overrides, popen=False):
           f'--workdir={workdir}', f'--config.data.cache_dir={cache}',
           '--config.data.max_documents=120', '--config.train.steps=40',
           '--config.train.log_every=1', '--config.checkpoint.every=100',
-          '--config.train.num_samples=0', *overrides]
+          '--config.train.num_samples=0',
+          '--config.train.peak_flops=1e11',  # Skips the start-up matmul measurement.
+          *overrides]
   env = {**os.environ, 'XLA_FLAGS': ''}
   if popen:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -70,6 +77,40 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path):
   # Params, optimizer state, step and RNG: equal bit for bit.
   assert_trees_bit_equal(read_checkpoint(tmp_path / 'a' / 'checkpoints' / '12'),
                          read_checkpoint(tmp_path / 'b' / 'checkpoints' / '12'))
+
+
+# A stopped run exits this soon after it says its checkpoint is saved (it
+# used to wait up to ~30 s in the input pipeline's teardown now and then).
+EXIT_SECONDS = 10
+
+
+@pytest.mark.slow
+def test_sigterm_exits_promptly_and_resumably_every_time(tmp_path):
+  """Five SIGTERMs in a row to one run: each exits 143 soon after its save."""
+  cache, workdir = tmp_path / 'cache', tmp_path / 'run'
+  saved, waits = 0, []
+  for attempt in range(5):
+    proc = cli(workdir, cache, '--config.train.steps=100000', popen=True)
+    lines, steps_seen, stopped_at = [], 0, None
+    for line in proc.stdout:
+      lines.append(line)
+      if re.match(r'step +\d+/', line):
+        steps_seen += 1
+        if steps_seen == 2 + attempt % 3:  # A different moment each time.
+          proc.send_signal(signal.SIGTERM)
+      if line.startswith('Stopped at step'):
+        stopped_at = time.monotonic()
+        break
+    out = ''.join(lines) + proc.stdout.read()  # Returns at the process's exit.
+    waits.append(time.monotonic() - stopped_at if stopped_at else float('inf'))
+    assert proc.wait(timeout=60) == 143, out[-3000:]
+    assert waits[-1] < EXIT_SECONDS, (attempt, waits, out[-2000:])
+    if saved:
+      assert f'Resuming from the checkpoint at step {saved}' in out, out[-3000:]
+    step = int(re.search(r'Stopped at step (\d+)', out).group(1))
+    assert step > saved and (workdir / 'checkpoints' / str(step) /
+                             'commit_success.txt').exists()
+    saved = step
 
 
 def tb_losses(workdir) -> dict:
@@ -114,6 +155,26 @@ def test_resume_sees_exactly_the_uninterrupted_batches(tmp_path, tiny_config, mo
   assert second['step'] == 12
   assert hashes == straight_hashes and len(set(hashes)) == 12, 'a batch repeated or skipped'
   assert {**first['loss_history'], **second['loss_history']} == straight['loss_history']
+
+
+def test_on_eval_can_stop_the_run_with_a_checkpoint(tmp_path, tiny_config):
+  """The loop's hook for callers (a sweep's pruner) sees each eval and may stop there."""
+  config, workdir, seen = tiny_config(train__steps=8, train__eval_every=2), str(tmp_path), []
+
+  def on_eval(step, evals):
+    seen.append((step, evals['val_loss']))
+    return step >= 4
+
+  result = train.run(config, workdir, on_eval=on_eval)
+  assert [s for s, _ in seen] == [2, 4]  # Not the eval before training; none after 4.
+  assert result['stopped_early'] and result['stopped_on_eval'] and result['step'] == 4
+  assert result['val_loss'] == seen[-1][1]
+  assert (tmp_path / 'checkpoints' / '4').is_dir()
+  assert train.run(config, workdir, on_eval=on_eval)['step'] == 6  # Resumed, stopped again.
+  # The last eval is seen too, and asking to stop there changes nothing.
+  result = train.run(config, workdir, on_eval=on_eval)
+  assert [s for s, _ in seen] == [2, 4, 6, 8]
+  assert result['step'] == 8 and not result['stopped_on_eval']
 
 
 def test_two_fresh_runs_give_identical_losses(tmp_path, tiny_config):
@@ -166,7 +227,7 @@ def test_finished_run_changes_nothing(tmp_path, tiny_config, capsys):
   config, ckpts = make_checkpoints(tmp_path, tiny_config)
   before = sorted((p, os.path.getmtime(p)) for p in glob.glob(str(ckpts / '**'), recursive=True))
   result = train.run(config, str(tmp_path / 'run'))
-  assert result['step'] == 6
+  assert result['step'] == 6 and result['val_bpb'] > 0  # Scored like a finished run.
   assert 'Training is already complete' in capsys.readouterr().out
   after = sorted((p, os.path.getmtime(p)) for p in glob.glob(str(ckpts / '**'), recursive=True))
   assert before == after
@@ -275,3 +336,101 @@ def test_checkpoint_directory_lost_mid_run_fails_at_once(tmp_path):
   state = read_checkpoint(str(moved / str(saved)))
   assert int(state['step']) == saved
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
+def test_a_second_trainer_is_refused_while_the_first_holds_the_run(tmp_path, tiny_config):
+  """The lock train.run takes; tests/test_files.py shows kill -9 frees it, and
+  test_kill_9_at_random_moments_changes_nothing restarts killed trainers."""
+  run = tmp_path / 'run'
+  run.mkdir()
+  with workdir_lib.training_lock(str(run)):  # The first trainer, still running.
+    with pytest.raises(UserError, match=f'in use by another training process: pid '
+                       f'{os.getpid()} on {re.escape(socket.gethostname())}, started '):
+      train.run(tiny_config(), str(run))
+    assert os.listdir(run) == ['train.lock'], 'the second trainer wrote into the run'
+  with workdir_lib.training_lock(str(run)):  # Once the first is done, the run is free.
+    pass
+
+
+def test_lost_checkpoints_are_refused_not_silently_restarted(tmp_path, tiny_config, capsys):
+  config, ckpts = make_checkpoints(tmp_path, tiny_config)
+  shutil.rmtree(ckpts)  # Deleted by hand, or a volume that was not mounted.
+  tb = tmp_path / 'run' / 'tb'
+  before = sorted(os.listdir(tb))
+  config_json = (tmp_path / 'run' / 'config.json').read_bytes()
+  with pytest.raises(UserError, match=r'trained before \(TensorBoard has its curve up to '
+                     r'step 6\) but .* holds no checkpoint.*allow_fresh_start=True'):
+    train.run(config, str(tmp_path / 'run'))
+  assert sorted(os.listdir(tb)) == before and not ckpts.exists()
+  assert (tmp_path / 'run' / 'config.json').read_bytes() == config_json
+  config.train.allow_fresh_start = True
+  result = train.run(config, str(tmp_path / 'run'))
+  assert result['step'] == 6 and 0 in result['val_history']
+  (old,) = [p for p in os.listdir(tmp_path / 'run') if p.startswith('tb.before-')]
+  assert sorted(os.listdir(tmp_path / 'run' / old)) == before
+  assert f'are now in {tmp_path / "run" / old}' in capsys.readouterr().out
+
+
+def test_a_full_disk_is_one_line_without_orbax_tracebacks(tmp_path, tiny_config, small_disk,
+                                                           caplog):
+  disk = small_disk(4)  # One 2.7 MB checkpoint of the tiny model fits, two do not.
+  config = tiny_config(train__steps=40, checkpoint__every=5, checkpoint__keep=3,
+                       train__compile_cache=False, train__num_samples=0,
+                       train__peak_flops=1e11)
+  with pytest.raises(UserError, match=r'Cannot write the checkpoint of step \d+ .*: no space '
+                     r'left on the device .*The newest complete checkpoint, step 5, is '
+                     'untouched'):
+    train.run(config, str(disk / 'run'))
+  orbax = [r for r in caplog.records if '/orbax/' in r.pathname and r.levelno >= 40]
+  assert not orbax, [r.getMessage()[:200] for r in orbax]
+  assert (disk / 'run' / 'checkpoints' / '5' / 'commit_success.txt').exists()
+
+
+def _kill_after(proc, step_lines: int, ckpts, *, mid_save: bool, delay: float) -> str:
+  """kill -9 once ``step_lines`` progress lines are out and a checkpoint is whole.
+
+  With ``mid_save``, waits for a save in flight (Orbax's temporary directory)
+  and kills during it. Returns what the process printed.
+  """
+  lines, seen = [], 0
+  for line in proc.stdout:
+    lines.append(line)
+    seen += bool(re.match(r'step +\d+/', line))
+    if seen >= step_lines and any(p.joinpath('commit_success.txt').exists()
+                                  for p in ckpts.glob('[0-9]*')):
+      break
+  deadline = time.monotonic() + 5
+  while mid_save and time.monotonic() < deadline and not any(
+      'orbax-checkpoint-tmp' in p.name for p in ckpts.iterdir()):
+    time.sleep(0.001)
+  time.sleep(delay)
+  if mid_save:
+    assert any('orbax-checkpoint-tmp' in p.name for p in ckpts.iterdir()), 'no save in flight'
+  proc.kill()
+  proc.wait(timeout=60)
+  return ''.join(lines)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_changes_nothing(tmp_path):
+  """Three kill -9s (one during a save, every step saving), then a rerun to the
+  end: params, Adam moments, step and RNG equal an uninterrupted run's, bit for bit."""
+  cache, steps = tmp_path / 'cache', 30
+  common = (f'--config.train.steps={steps}', '--config.checkpoint.every=1',
+            '--config.checkpoint.keep=2')
+  straight = cli(tmp_path / 'a', cache, *common)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  rng = random.Random(19)  # Random moments, the same ones on every run of the test.
+  run = tmp_path / 'b'
+  for attempt in range(3):
+    proc = cli(run, cache, *common, popen=True)
+    out = _kill_after(proc, rng.randint(2, 6), run / 'checkpoints', mid_save=attempt == 0,
+                      delay=0 if attempt == 0 else rng.uniform(0, 0.1))
+    if attempt:
+      assert 'Resuming from the checkpoint at step' in out, out[-2000:]
+  final = cli(run, cache, *common)
+  assert final.returncode == 0, final.stderr[-3000:]
+  resumed = int(re.search(r'Resuming from the checkpoint at step (\d+)', final.stdout)[1])
+  assert 0 < resumed < steps, final.stdout[-2000:]
+  chex.assert_trees_all_equal(workdir_lib.load_state(str(tmp_path / 'a'), steps),
+                              workdir_lib.load_state(str(run), steps))

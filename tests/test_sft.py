@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from llm_jax.core import configuration
+from llm_jax.core.errors import UserError
 from llm_jax.model import attention
 from llm_jax.model import transformer as model_lib
 from llm_jax import train
@@ -117,3 +118,31 @@ def test_sft_response_loss_falls(tmp_path, tiny_config, tokenizer):
   # Packed about two examples per row (58 rows for 109 train examples).
   assert result['val_loss'] < result['val_history'][0] - 2.0, result['val_history']
   assert np.isfinite(result['loss'])
+
+
+def test_empty_responses_are_counted_left_out_and_refused_when_all(tmp_path, tiny_config,
+                                                                   tokenizer):
+  """An empty response still carries weight (closing text, end-of-text): it
+  would silently teach the model to answer nothing."""
+  path = tmp_path / 'chat.jsonl'
+  write_jsonl(path, n=60)
+  with open(path, 'a') as f:
+    for i in range(140):
+      f.write(json.dumps({'prompt': f'Question {i}?', 'response': ' ' * (i % 2)}) + '\n')
+  config = configuration.load_preset('sft')
+  config.data.update(paths=str(path), seq_len=128, val_fraction=0.1)
+  config.tokenizer.path = tokenizer.path
+  lines = []
+  data = sft.prepare(config, log=lines.append)
+  warnings = [l for l in lines if l.startswith('Warning')]
+  assert len(warnings) == 1 and '140 of 200 examples (70%)' in warnings[0], lines
+  assert data.manifest['examples'] == len({json.dumps(json.loads(l), sort_keys=True)
+                                           for l in open(path).readlines()[:60]})
+  assert data.train_rows['weights'].sum() > 0
+
+  with open(path, 'w') as f:
+    for i in range(20):
+      f.write(json.dumps({'messages': [{'role': 'user', 'content': f'Hi {i}'},
+                                       {'role': 'assistant', 'content': ''}]}) + '\n')
+  with pytest.raises(UserError, match='All 20 examples .* have an empty response'):
+    sft.prepare(config, log=lines.append)

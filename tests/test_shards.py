@@ -1,8 +1,11 @@
 """Tests of llm_jax/data/shards.py: prepare, manifest, cache, errors."""
 
+import hashlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -184,3 +187,54 @@ def test_token_dtype():
   assert shards.token_dtype(400) == np.uint16
   assert shards.token_dtype(65536) == np.uint16
   assert shards.token_dtype(65537) == np.uint32
+
+
+PREPARE = '''
+import hashlib, json, os, sys, time
+from llm_jax.core import configuration
+from llm_jax.data import shards
+c = configuration.load_preset('tiny')
+c.data.cache_dir, c.data.max_documents = sys.argv[1], 120
+print('ready', flush=True)
+while not os.path.exists(sys.argv[2]):  # Both start preparing at once.
+  time.sleep(0.005)
+lines = []
+data = shards.prepare(c, log=lines.append)
+# Every token this process reads, as a training run would read it.
+read = {os.path.basename(p): hashlib.sha256(shards.load_shard(p, data.dtype).tobytes()).hexdigest()
+        for p in data.train_shards + data.val_shards}
+print(json.dumps({'dir': data.dir, 'manifest': data.manifest, 'read': read,
+                  'built': any(l.startswith('Wrote token shards') for l in lines)}))
+'''
+
+
+def test_two_processes_preparing_one_cache_entry_agree(tmp_path):
+  """Both find an invalid old entry (e.g. another version's): one rebuilds, both
+  read the same whole shards, and nothing half-deleted or torn is ever read."""
+  cache = tmp_path / 'cache'
+  c = configuration.load_preset('tiny')
+  c.data.cache_dir, c.data.max_documents = str(cache), 120
+  first = shards.prepare(c, log=lambda *_: None)
+  with open(first.train_shards[0], 'r+b') as f:  # Now invalid: a rebuild is due.
+    f.truncate(100)
+  go = tmp_path / 'go'
+  env = {**os.environ, 'PYTHONPATH': str(pathlib.Path(__file__).parents[1])}
+  procs = [subprocess.Popen([sys.executable, '-c', PREPARE, str(cache), str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env) for _ in range(2)]
+  for p in procs:
+    assert p.stdout.readline().strip() == 'ready'
+  go.touch()
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  a, b = results
+  assert [a['built'], b['built']].count(True) == 1, 'both rebuilt: no lock'
+  assert a['dir'] == b['dir'] == first.dir and a['manifest'] == b['manifest']
+  on_disk = {os.path.basename(p): hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest()
+             for p in first.train_shards + first.val_shards}
+  assert a['read'] == b['read'] == on_disk
+  leftovers = [p for p in os.listdir(cache / 'shards') if '.tmp-' in p or '.stale-' in p]
+  assert not leftovers

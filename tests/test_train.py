@@ -77,3 +77,29 @@ def test_ctrl_c_saves_and_rerun_resumes(tmp_path):
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   assert f'Resuming from the checkpoint at step {step}' in rerun.stdout
   assert f'Done at step {step + 5}' in rerun.stdout
+
+
+@pytest.mark.parametrize('section, key, value, message', [
+    ('train', 'batch_size', 0, r'train.batch_size=0 must be an integer of at least 1'),
+    ('train', 'steps', 0, r'train.steps=0 must be an integer of at least 1'),
+    ('train', 'steps', -5, r'train.steps=-5 must be an integer of at least 1'),
+    ('train', 'eval_batches', 0, r'train.eval_batches=0 must be'),
+    ('optim', 'warmup_steps', 30, r'optim.warmup_steps=30 must be .* below train.steps=30'),
+    ('model', 'num_kv_heads', 3, r'model.num_heads=4 is not a multiple of model.num_kv_heads=3'),
+])
+def test_bad_values_fail_before_anything_is_created(tmp_path, tiny_config, section, key,
+                                                    value, message):
+  config = tiny_config()
+  config[section][key] = value
+  with pytest.raises(UserError, match=message):
+    train.run(config, str(tmp_path / 'run'))
+  assert not os.listdir(tmp_path), 'the run directory (or the data cache) was created'
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path, tiny_config, read_only):
+  run = tmp_path / 'run'
+  (run / 'checkpoints').mkdir(parents=True)
+  (run / 'config.json').write_text('{}')  # A run to resume.
+  read_only(run)
+  with pytest.raises(UserError, match=f'Cannot write to the run directory {run}'):
+    train.run(tiny_config(), str(run))

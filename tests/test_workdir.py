@@ -18,7 +18,7 @@ def test_load_returns_the_trained_parameters(tmp_path, tiny_config):
   assert run.tokenizer.vocab_size == result['vocab_size'] == run.model_cfg.vocab_size
   assert run.config.train.steps == 6 and run.config.mesh.data == config.mesh.data
   # The loaded parameters give the run's own validation loss.
-  from llm_jax.training import trainer
+  from llm_jax.training import steps
   from llm_jax.data import pipeline, shards
   data = shards.prepare(config, log=lambda *_: None)
   windows = pipeline.TokenWindows(data.val_shards, data.manifest['dtype'], config.data.seq_len)
@@ -27,7 +27,7 @@ def test_load_returns_the_trained_parameters(tmp_path, tiny_config):
                                        process_index=0, process_count=1))
   total = count = 0.0
   for b in batches:
-    out = trainer.eval_step(run.params, {k: jax.numpy.asarray(v) for k, v in b.items()},
+    out = steps.eval_step(run.params, {k: jax.numpy.asarray(v) for k, v in b.items()},
                             graphdef=run.graphdef)
     total += float(out['loss_sum'])
     count += float(out['count'])

@@ -12,10 +12,18 @@ the run being exported), so a mistyped ``--out`` never deletes a user's data.
 
 Paths with a scheme (``gs://...``) are written with ``etils.epath``: object
 stores publish an object whole or not at all.
+
+``FileLock`` is an exclusive ``flock`` on a file: two processes building the
+same cache entry, or training into the same run directory, take turns or
+refuse instead of interleaving their writes. The kernel releases it when its
+process ends, however it ends (``kill -9`` too), so a stale lock never blocks.
 """
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -100,12 +108,12 @@ def check_replaceable(final: str, *, marker: str | None, protect: tuple[str, ...
       continue
     if _inside(p, final):
       raise UserError(f'{final} is or holds {p}: writing the {what} there would '
-                      f'replace it. Pick an --out outside {p}.')
+                      f'replace it. Pick an output directory outside {p}.')
     if _inside(final, p) and not any(_inside(final, ok) for ok in allow_inside):
       where = (f' (inside {p} only under {", ".join(allow_inside)})'
                if allow_inside else '')
       raise UserError(f'{final} lies inside {p}: the {what} would be mixed into '
-                      f'it. Pick an --out outside it{where}.')
+                      f'it. Pick an output directory outside it{where}.')
   if not os.path.exists(final):
     return
   if not os.path.isdir(final):
@@ -176,3 +184,68 @@ def _swap_into_place(tmp: str, final: str) -> None:
   os.rename(tmp, final)
   if old:
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- Locks.
+
+
+class FileLock:
+  """An exclusive ``flock`` on ``path`` (created if missing), held until ``release``.
+
+  The lock file is never removed: removing it while another process waits
+  on it would let a third process lock a new file of the same name, and two
+  would hold "the" lock. On a filesystem without locks (some network mounts)
+  ``acquire`` logs a warning and proceeds unlocked, as before locks existed.
+  """
+
+  def __init__(self, path: str):
+    self.path = os.fspath(path)
+    self._fd: int | None = None
+
+  def acquire(self, *, wait: bool = True, note: str = '') -> bool:
+    """Takes the lock; returns False if ``wait`` is False and another holds it.
+
+    Args:
+      wait: block until the holder releases it (True), or return at once.
+      note: text written into the lock file once it is held (who holds it),
+        which ``holder()`` reads back for another process's message.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      os.close(fd)
+      return False
+    except OSError as e:
+      if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        os.close(fd)
+        raise
+      logging.warning('Cannot lock %s (%s); going on without the lock.', self.path,
+                      e.strerror)
+    if note:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, note.encode('utf-8'), 0)
+    self._fd = fd
+    return True
+
+  def holder(self) -> str:
+    """The note of whoever holds the lock ('' if none was written)."""
+    try:
+      with open(self.path, encoding='utf-8', errors='replace') as f:
+        return f.read().strip()
+    except OSError:
+      return ''
+
+  def release(self) -> None:
+    """Releases the lock (closing the file releases the flock)."""
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self) -> 'FileLock':
+    self.acquire(wait=True)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -1,8 +1,9 @@
 """The one place llm_jax imports TensorFlow, with every accelerator hidden from it.
 
-TF serves tf.data, TensorBoard, TFDS and export; JAX owns the GPUs/TPUs. If TF
-saw a GPU it would reserve most of its memory before JAX could. So every module
-that needs TF does ``from llm_jax.core.tfhost import tf`` instead of importing it.
+TF serves TFDS and export (a training run never imports it); JAX owns the
+GPUs/TPUs. If TF saw a GPU it would reserve most of its memory before JAX
+could. So every module that needs TF does ``from llm_jax.core.tfhost import
+tf`` instead of importing it.
 
 TF's native libraries print start-up chatter straight to file descriptor 2
 while they load (oneDNN notices, CPU-feature hints, a "failed call to cuInit"

@@ -1,1 +1,1 @@
-"""Data: sources -> cleaning -> SentencePiece -> token shards -> tf.data batches."""
+"""Data: sources -> cleaning -> SentencePiece -> token shards -> prefetched batches."""

@@ -8,10 +8,18 @@ The example at global position ``i = step * global_batch + b`` is window
 ``(seed, step, b)``. A resumed run therefore needs only the step to see
 exactly the batches an uninterrupted run would, and each host computes only
 its own rows of the global batch.
+
+A background thread gathers upcoming batches while the device computes
+(``prefetch``). It is plain Python, not a tf.data map over a Python
+callback: tearing such an iterator down waits for TensorFlow's threads to
+finish their calls into Python, which kept a stopped run from exiting for
+up to half a minute after its last checkpoint.
 """
 
 import functools
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +29,9 @@ from llm_jax.data.batch import Batch
 from llm_jax.core.errors import UserError
 
 _PERMUTATION_CACHE_SIZE = 4  # A batch spans at most two epochs; keep a few.
+# Batches gathered ahead of the step that takes them: gathering one is a
+# memmap fancy-index read, far shorter than a step, so a few hide it.
+_PREFETCH = 4
 
 
 class TokenWindows:
@@ -137,7 +148,7 @@ def make_batch(windows: TokenWindows, step: int, *, global_batch: int,
   """This host's batch for ``step``: ``{'inputs', 'targets'}``, int32 [B, T].
 
   ``targets`` is ``inputs`` shifted left by one token. This is the reference
-  that ``train_batches`` reproduces through tf.data.
+  that ``train_batches`` serves from its prefetch thread.
   """
   indices = batch_indices(step, global_batch=global_batch,
                           num_windows=windows.num_windows, seed=seed,
@@ -151,36 +162,60 @@ def train_batches(windows: TokenWindows, *, global_batch: int, seed: int,
                   process_count: int = 1) -> Iterator[dict]:
   """Endless batches for steps ``start_step, start_step + 1, ...``.
 
-  A tf.data pipeline gathers the windows of upcoming steps in parallel (in
-  order) and prefetches them; the batch for step ``s`` equals
+  A background thread gathers the batches of the next few steps (in order)
+  while the device runs the current one; the batch for step ``s`` equals
   ``make_batch(windows, s, ...)``.
 
   Yields:
     ``{'inputs': int32[B, T], 'targets': int32[B, T]}`` with
     ``B = global_batch // process_count`` and ``T = windows.seq_len``.
   """
-  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
-  local_batch = _host_rows(global_batch, process_index, process_count)
-  local_batch = local_batch[1] - local_batch[0]
-  shape = (local_batch, windows.seq_len)
+  _host_rows(global_batch, process_index, process_count)  # Fails here, not in the thread.
+  return prefetch(functools.partial(
+      make_batch, windows, global_batch=global_batch, seed=seed,
+      process_index=process_index, process_count=process_count), start_step)
 
-  def gather(step):
-    batch = make_batch(windows, int(step), global_batch=global_batch,
-                       seed=seed, process_index=process_index,
-                       process_count=process_count)
-    return batch['inputs'], batch['targets']
 
-  def to_batch(step):
-    inputs, targets = tf.numpy_function(gather, [step], [tf.int32, tf.int32],
-                                        stateful=False)
-    return {'inputs': tf.ensure_shape(inputs, shape),
-            'targets': tf.ensure_shape(targets, shape)}
+def prefetch(make: Callable[[int], dict], start_step: int,
+             depth: int = _PREFETCH) -> Iterator[dict]:
+  """``make(start_step), make(start_step + 1), ...``, computed ``depth`` ahead.
 
-  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-  ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  yield from ds.as_numpy_iterator()
+  One daemon thread calls ``make`` in step order; its errors surface in the
+  consumer at the step they belong to. Closing the generator (or dropping
+  it) stops the thread within one ``make`` call: no Python callback runs
+  inside a TensorFlow thread pool, whose teardown at exit could wait on it.
+  """
+  ready: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def work():
+    step = start_step
+    while not stop.is_set():
+      try:
+        item = (make(step), None)
+      except Exception as e:  # pylint: disable=broad-except
+        item = (None, e)
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[1] is not None:
+        return
+      step += 1
+
+  thread = threading.Thread(target=work, name='llm_jax-batches', daemon=True)
+  thread.start()
+  try:
+    while True:
+      batch, error = ready.get()
+      if error is not None:
+        raise error
+      yield batch
+  finally:
+    stop.set()
+    thread.join(timeout=10)
 
 
 def eval_batches(windows: TokenWindows, *, global_batch: int,

@@ -51,6 +51,31 @@ def read_examples(paths: str) -> list[list[dict]]:
   return examples
 
 
+def with_responses(examples: list[list[dict]], paths: str, log: Log) -> list[list[dict]]:
+  """The examples that have something to learn: a non-blank assistant message.
+
+  An empty response still carries loss weight (the turn's closing template
+  text and end-of-text), so it would teach the model to answer nothing;
+  such examples are counted, named in a warning and left out.
+
+  Raises:
+    UserError: every example's response is empty.
+  """
+  kept = [e for e in examples
+          if any(m['role'] == ASSISTANT and m['content'].strip() for m in e)]
+  empty = len(examples) - len(kept)
+  if not kept:
+    raise UserError(
+        f'All {len(examples)} examples in data.paths={paths!r} have an empty '
+        'response: there is nothing to learn. Fill in their "response" (or the '
+        'assistant messages\' "content") fields.')
+  if empty:
+    log(f'Warning: {empty} of {len(examples)} examples ({100 * empty / len(examples):.0f}%) '
+        f'in data.paths={paths!r} have an empty response and are left out (they '
+        'would teach the model to answer nothing).')
+  return kept
+
+
 def _messages(line: str, where: str) -> list[dict]:
   try:
     obj = json.loads(line)
@@ -73,14 +98,19 @@ def _messages(line: str, where: str) -> list[dict]:
 
 
 def render(messages: list[dict], template: str,
-           tokenizer: tokenizer_lib.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """Token ids of a conversation and the loss weight of each id as a target."""
+           tokenizer: tokenizer_lib.Tokenizer, *,
+           learn_from: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids of a conversation and the loss weight of each id as a target.
+
+  Messages before index ``learn_from`` carry no weight even if they are the
+  assistant's (a preference pair's shared prompt, llm_jax/data/preference.py).
+  """
   if template.count('{content}') != 1:
     raise UserError(f'sft.template={template!r} must contain {{content}} once.')
   ids, weights = [], []
-  for m in messages:
+  for i, m in enumerate(messages):
     head, tail = template.replace('{role}', m['role']).split('{content}')
-    learn = float(m['role'] == ASSISTANT)
+    learn = float(m['role'] == ASSISTANT and i >= learn_from)
     for text, w in ((head, 0.0), (m['content'] + tail, learn)):
       piece = tokenizer.encode(text) if text else []
       ids += piece
@@ -195,7 +225,7 @@ def prepare(config, log: Log = logging.info) -> SftData:
     raise UserError("data.source='sft' needs a tokenizer: set init_from (its "
                     'tokenizer.model is used) or --config.tokenizer.path.')
   tokenizer = tokenizer_lib.load(config.tokenizer.path)
-  examples = read_examples(config.data.paths)
+  examples = with_responses(read_examples(config.data.paths), config.data.paths, log)
   keyed = {json.dumps(e, sort_keys=True, ensure_ascii=False): e for e in examples}
   train_keys, val_keys = clean.split_by_hash(list(keyed), config.data.val_fraction)
   if not val_keys:

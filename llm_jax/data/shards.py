@@ -10,6 +10,7 @@ by content, shared by runs::
                                              the dir is self-contained)
   <cache>/shards/<key>/train-00000-of-00001.bin
   <cache>/shards/<key>/val-00000-of-00001.bin
+  <cache>/locks/shards-<key>.lock            held while that entry is built
 
 A shard is the raw little-endian token ids of whole documents, each followed
 by ``eos_id``. A shard directory is built under a temporary name and renamed
@@ -34,6 +35,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from llm_jax.core import files
 from llm_jax.data import clean
 from llm_jax.data import sources
 from llm_jax.data import tokenizer as tokenizer_lib
@@ -42,6 +44,7 @@ from llm_jax.core.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
 MAX_SHARD_TOKENS = 64 * 2**20  # Tokens per shard file (128 MiB as uint16).
+LOCKS_DIR = 'locks'  # <cache>/locks/: one lock file per entry being built.
 # Documents are encoded in groups of about this many characters: big enough
 # for the encoder's threads, small enough that the Python int lists stay small.
 _ENCODE_CHUNK_CHARS = 4_000_000
@@ -132,18 +135,21 @@ def prepare(config, log: Log = logging.info) -> PreparedData:
                     val_fraction=config.data.val_fraction)
   key = _sha256_json(key_fields)
   out_dir = os.path.join(root, 'shards', key[:16])
-  cached = _load_cached(out_dir, key)
-  if cached is not None:
-    log(f'Using cached token shards at {out_dir} ({cached.train_tokens:,} '
-        f'train, {cached.val_tokens:,} validation tokens)')
-    return cached
-  manifest = dict(key_fields, cache_key=key,
-                  source=dict(source_stats.counts(), name=config.data.source),
-                  cleaning=dataclasses.asdict(clean_stats),
-                  tokenizer=_tokenizer_info(config, tokenizer))
-  _build(out_dir, manifest, tokenizer, {'train': train_docs, 'val': val_docs},
-         config.data.num_threads, log)
-  prepared = _load_cached(out_dir, key)
+  # One process builds a cache entry at a time; another preparing the same
+  # data waits, then finds it whole (a valid entry is never replaced).
+  with files.FileLock(os.path.join(root, LOCKS_DIR, f'shards-{key[:16]}.lock')):
+    cached = _load_cached(out_dir, key)
+    if cached is not None:
+      log(f'Using cached token shards at {out_dir} ({cached.train_tokens:,} '
+          f'train, {cached.val_tokens:,} validation tokens)')
+      return cached
+    manifest = dict(key_fields, cache_key=key,
+                    source=dict(source_stats.counts(), name=config.data.source),
+                    cleaning=dataclasses.asdict(clean_stats),
+                    tokenizer=_tokenizer_info(config, tokenizer))
+    _build(out_dir, manifest, tokenizer, {'train': train_docs, 'val': val_docs},
+           config.data.num_threads, log)
+    prepared = _load_cached(out_dir, key)
   assert prepared is not None, f'{out_dir} was just built but is not valid'
   return prepared
 
@@ -219,16 +225,17 @@ def get_tokenizer(config, train_docs: list[str], root: str, log: Log):
   prefix = os.path.join(root, 'tokenizers', key[:16], 'tokenizer')
   cached = os.path.join(os.path.dirname(prefix),
                         tokenizer_lib.file_name(config.tokenizer.kind))
-  if os.path.exists(cached):
-    try:
-      tok = tokenizer_lib.load(cached)
-      log(f'Using cached tokenizer at {tok.path} ({tok.vocab_size} pieces)')
-      return tok
-    except UserError as e:
-      log(f'Warning: retraining the tokenizer: {e}')
-  start = time.perf_counter()
-  path = tokenizer_lib.train(train_docs, prefix, config.tokenizer, config.data.num_threads,
-                             encoder=bool(_extra_symbols(config)))
+  with files.FileLock(os.path.join(root, LOCKS_DIR, f'tokenizer-{key[:16]}.lock')):
+    if os.path.exists(cached):
+      try:
+        tok = tokenizer_lib.load(cached)
+        log(f'Using cached tokenizer at {tok.path} ({tok.vocab_size} pieces)')
+        return tok
+      except UserError as e:
+        log(f'Warning: retraining the tokenizer: {e}')
+    start = time.perf_counter()
+    path = tokenizer_lib.train(train_docs, prefix, config.tokenizer, config.data.num_threads,
+                               encoder=bool(_extra_symbols(config)))
   tok = tokenizer_lib.load(path)
   what = (config.tokenizer.model_type if config.tokenizer.kind == 'sentencepiece'
           else config.tokenizer.kind)
@@ -305,15 +312,22 @@ def _build(out_dir: str, manifest: dict, tok,
 
 
 def _install(tmp_dir: str, out_dir: str, key: str) -> None:
-  """Renames the finished build into place, replacing an invalid old one."""
+  """Renames the finished build into place, replacing an invalid old one.
+
+  Called under the entry's lock. The invalid old directory is renamed away
+  before it is removed, so the name never holds a half-deleted tree.
+  """
   if os.path.exists(out_dir):
     if _load_cached(out_dir, key) is not None:
       return  # Another process finished the same build first; keep theirs.
-    shutil.rmtree(out_dir)  # Stale or broken: from another version, say.
+    stale = f'{out_dir}.stale-{os.getpid()}-{time.monotonic_ns()}'
+    os.rename(out_dir, stale)  # Stale or broken: from another version, say.
+    shutil.rmtree(stale, ignore_errors=True)
   try:
     os.rename(tmp_dir, out_dir)
   except OSError:
-    # Another process installed the same build between the check and here.
+    # Another process installed the same build between the check and here
+    # (one without locks: an older llm_jax, or a filesystem without flock).
     if _load_cached(out_dir, key) is None:
       raise
 

@@ -153,10 +153,15 @@ def _without_run_settings(model_bytes: bytes) -> bytes:
   return proto.SerializeToString(deterministic=True)
 
 
-def load(path: str):
+# What to do about a tokenizer.path that does not load (the user's own file).
+CONFIGURED_PATH_FIX = ('point --config.tokenizer.path at a SentencePiece .model file or a '
+                       "Hugging Face tokenizer.json, or set it to '' to train one on the data")
+
+
+def load(path: str, fix: str = CONFIGURED_PATH_FIX):
   """A ``Tokenizer`` (``.model``) or an ``HFTokenizer`` (anything else)."""
   if os.path.expanduser(path).endswith('.model'):
-    return Tokenizer.load(path)
+    return Tokenizer.load(path, fix)
   return hf_tokenizer.load(path)
 
 
@@ -202,8 +207,13 @@ class Tokenizer:
     return cls(path, model_bytes, processor)
 
   @classmethod
-  def load(cls, path: str) -> 'Tokenizer':
+  def load(cls, path: str, fix: str = CONFIGURED_PATH_FIX) -> 'Tokenizer':
     """Loads a ``.model`` file.
+
+    Args:
+      path: the file.
+      fix: what the user should do if it cannot be loaded (the default suits
+        ``tokenizer.path``; a run's own copy or a cache entry say otherwise).
 
     Raises:
       UserError: the file is missing or not a SentencePiece model.
@@ -212,18 +222,17 @@ class Tokenizer:
       with open(path, 'rb') as f:
         model_bytes = f.read()
     except OSError as e:
-      raise UserError(f'cannot read tokenizer model {path}: {e.strerror}; '
-                      'set --config.tokenizer.path to a SentencePiece .model '
-                      "file, or to '' to train one") from None
+      raise UserError(f'cannot read the tokenizer model {path}: {e.strerror}; '
+                      f'{fix}') from None
     processor = spm.SentencePieceProcessor()
     try:
       processor.LoadFromSerializedProto(model_bytes)
     except (RuntimeError, OSError):
       processor = None
     if processor is None or processor.get_piece_size() == 0:
-      raise UserError(f'tokenizer model {path} is not a valid SentencePiece '
-                      'model (corrupt or another format); delete it or set '
-                      '--config.tokenizer.path to a .model file')
+      raise UserError(f'{path} is not a SentencePiece model (a damaged file, or '
+                      'another format such as a Hugging Face tokenizer.json); '
+                      f'{fix}')
     return cls(path, model_bytes, processor)
 
   @property

@@ -1,6 +1,6 @@
 r"""The SavedModel export's library (the command is ``python -m llm_jax.export``).
 
-    python -m llm_jax.export --workdir=runs/tiny --out=runs/tiny/export/1 [--quantize=int8]
+    python -m llm_jax.export --workdir=runs/tiny --out=runs/tiny/export/1 [--quantize=int8|int4]
 
 The whole generation loop (``decode.decode_tokens``: prefill plus KV-cache
 steps in one ``lax.while_loop``) is converted with jax2tf's native
@@ -24,6 +24,23 @@ Signatures (docs/serving.md documents them):
   A run with a Hugging Face tokenizer (byte-level BPE has no tensorflow-text
   op) has no ``generate_text``; its ``tokenizer.json`` and
   ``tokenizer_config.json`` are in ``assets/`` for the client.
+* ``prefill``, ``decode_step``, ``score``: generation one step at a time with
+  the KV cache in the caller's hands (``decode.prefill`` returns a prompt's
+  cache, ``decode.decode_step`` reads the batch's and returns the new slot;
+  ``decode.score``), so a server streams tokens and batches requests that
+  started at different times; per-row sampling settings.
+* ``tokenize`` / ``detokenize`` (with the text signature): SentencePiece
+  alone, strings to padded ids and back.
+
+A reward model (``objective='reward'``) exports a scorer instead:
+
+* ``score`` (also ``serving_default``): ``tokens`` int32 [batch, len]
+  (right-padded prompt plus response, as ``sft.template`` renders them, no
+  end-of-text) and ``lengths`` int32 [batch] -> ``reward`` float32 [batch],
+  the head read at each row's last token.
+* ``score_text``: ``prompt`` and ``response`` string [batch] -> ``reward``
+  float32 [batch]; the conversation is rendered and tokenized in the graph
+  exactly as training rendered it.
 
 A run with a task head (``model.head`` 'classification' or 'qa') exports
 ``classify`` / ``answer`` signatures instead (``deploy/task_export.py``).
@@ -36,7 +53,9 @@ or lengths and tokens that disagree on the batch.
 ``assets.extra/tf_serving_warmup_requests`` holds TF Serving warm-up requests
 (PredictionLog TFRecords) for every (batch, prompt) bucket: each new shape
 compiles once inside ``XlaCallModule``. ``assets.extra/llm_jax_export.json``
-records the export (signatures, buckets, sizes, the int8 perplexity check).
+records the export (signatures, buckets, sizes; for a quantized export the
+parameter bytes and validation perplexity of float32, int8 and int4 side by
+side, ``formats``).
 
 The export is written to a temporary directory beside ``--out`` and renamed
 into place: a failed export leaves nothing that looks complete.
@@ -46,6 +65,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from flax import nnx
 from jax.experimental import jax2tf
 import numpy as np
 
@@ -58,6 +78,7 @@ from llm_jax.deploy import task_export, warmup
 from llm_jax.deploy.warmup import TEXT_SIGNATURE
 from llm_jax.inference import decode
 from llm_jax.runs import workdir as workdir_lib
+from llm_jax.training import objectives
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 SCALARS = (('max_new_tokens', 'int32'), ('temperature', 'float32'),
@@ -133,17 +154,102 @@ def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
   module.serve = serve
   signatures = {'serving_default': serve}
   module.tokenizer_files = tokenizer_assets(run)
+  module.steps = _step_functions(run, specs, treedef, module.params, platforms)
+  signatures.update(module.steps)
   if tokenizer_path is not None:
     module.tokenizer_model = tf.saved_model.Asset(tokenizer_path)
-    module.sp, module.text = _text_function(run, tokenizer_path, checked_generate,
-                                            scalar_specs, prompt_buckets, pad_id)
+    module.sp, module.text, module.tokens = _text_function(
+        run, tokenizer_path, checked_generate, scalar_specs, prompt_buckets, pad_id)
     signatures[TEXT_SIGNATURE] = module.text
+    signatures.update(module.tokens)
   return module, signatures
+
+
+ROW_SAMPLING = (('seed', 'int32'), ('index', 'int32'), ('temperature', 'float32'),
+                ('top_k', 'int32'), ('top_p', 'float32'))
+
+
+def cache_info(cfg) -> dict:
+  """The cache layout of ``decode_step``: [batch, layers, 2, slots, kv heads, head dim]."""
+  return {'layers': cfg.num_layers, 'kv_heads': cfg.num_kv_heads,
+          'head_dim': cfg.head_dim, 'slots': cfg.max_len,
+          'dtype': np.dtype(cfg.compute_dtype).name}
+
+
+def _converted_steps(run, specs, treedef, platforms):
+  """jax2tf conversions of ``decode.prefill``, ``decode_step`` and ``score``."""
+  graphdef = run.graphdef
+  params = lambda flat: quantize_lib.unflatten_params(specs, flat, treedef)
+
+  def convert(fn, shapes):
+    return jax2tf.convert(fn, with_gradient=False, polymorphic_shapes=[None, *shapes],
+                          native_serialization_platforms=tuple(platforms))
+
+  rows = ['(b,)'] * len(ROW_SAMPLING)
+  cache_shape = '(b, {layers}, 2, {slots}, {kv_heads}, {head_dim})'.format(
+      **cache_info(run.model_cfg))
+  return (
+      convert(lambda flat, *a: decode.prefill(params(flat), *a, graphdef=graphdef),
+              ['(b, p)', '(b,)', *rows]),
+      convert(lambda flat, *a: decode.decode_step(params(flat), *a, graphdef=graphdef),
+              [cache_shape, '(b,)', '(b,)', '(b,)', *rows]),
+      convert(lambda flat, t: decode.score(params(flat), t, graphdef=graphdef), ['(b, t)']))
+
+
+def _step_functions(run, specs, treedef, variables, platforms) -> dict:
+  """The ``prefill``, ``decode_step`` and ``score`` signature functions."""
+  cfg = run.model_cfg
+  cache = cache_info(cfg)
+  prefill_tf, step_tf, score_tf = _converted_steps(run, specs, treedef, platforms)
+  row_specs = [tf.TensorSpec([None], getattr(tf, dt), name=n) for n, dt in ROW_SAMPLING]
+  ids = lambda name: tf.TensorSpec([None], tf.int32, name=name)
+  in_vocab = lambda t: [
+      tf.debugging.assert_greater_equal(t, 0, message='token id below 0'),
+      tf.debugging.assert_less(t, cfg.vocab_size, message=(
+          f'token id outside the vocabulary [0, {cfg.vocab_size})'))]
+
+  def checked(checks, t):
+    with tf.control_dependencies(checks):
+      return tf.identity(t)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, None], tf.int32, name='tokens'), ids('lengths'), *row_specs])
+  def prefill(tokens, lengths, *sampling):
+    tokens = checked(in_vocab(tokens) + [
+        tf.debugging.assert_greater_equal(lengths, 1, message='lengths must be >= 1'),
+        tf.debugging.assert_less_equal(lengths, tf.shape(tokens)[1], message=(
+            'a length exceeds the prompt width (tokens.shape[1])')),
+        tf.debugging.assert_less(lengths, cfg.max_len, message=(
+            f'prompt longer than the model context: lengths must be below '
+            f'max_len={cfg.max_len} (room for one new token)'))], tokens)
+    return prefill_tf(list(variables), tokens, lengths, *sampling)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, cache['layers'], 2, cache['slots'], cache['kv_heads'],
+                     cache['head_dim']], tf.as_dtype(cache['dtype']), name='cache'),
+      ids('tokens'), ids('positions'), ids('step'), *row_specs])
+  def decode_step(cache_in, tokens, positions, step, *sampling):
+    tokens = checked(in_vocab(tokens) + [
+        tf.debugging.assert_greater_equal(positions, 0, message='positions must be >= 0'),
+        tf.debugging.assert_less(positions, cfg.max_len, message=(
+            f'positions must be below max_len={cfg.max_len}'))], tokens)
+    return step_tf(list(variables), cache_in, tokens, positions, step, *sampling)
+
+  @tf.function(autograph=False, input_signature=[
+      tf.TensorSpec([None, None], tf.int32, name='tokens')])
+  def score(tokens):
+    tokens = checked(in_vocab(tokens) + [tf.debugging.assert_less_equal(
+        tf.shape(tokens)[1], cfg.max_len, message=(
+            f'more tokens than the model context max_len={cfg.max_len}'))], tokens)
+    return score_tf(list(variables), tokens)
+
+  return {'prefill': prefill, 'decode_step': decode_step, 'score': score}
 
 
 def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
                    prompt_buckets, pad_id):
-  """(tokenizer, the strings-in strings-out signature function)."""
+  """(tokenizer, the strings-in strings-out signature function, and the
+  tokenize / detokenize signature functions by name)."""
   tf_text = tfhost.import_text()
 
   with open(tokenizer_path, 'rb') as f:
@@ -151,6 +257,12 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
   tok = run.tokenizer
   sp_vocab, unk, eos = tok.vocab_size, tok.unk_id, tok.eos_id
   buckets = tf.constant(sorted(prompt_buckets), tf.int32)
+
+  def known_ids(ragged):
+    # Ids the model knows but the tokenizer does not (a padded or extended
+    # vocabulary) detokenize as unknown.
+    flat = ragged.flat_values
+    return ragged.with_flat_values(tf.where((flat >= 0) & (flat < sp_vocab), flat, unk))
 
   @tf.function(autograph=False,
                input_signature=[tf.TensorSpec([None], tf.string, name='text'),
@@ -179,15 +291,26 @@ def _text_function(run, tokenizer_path, checked_generate, scalar_specs,
     dense = tf.pad(dense, [[0, 0], [width_p - longest, 0]], constant_values=pad_id)
     out, counts = checked_generate(dense, lengths, max_new_tokens, temperature,
                                    top_k, top_p, seed)
-    new = tf.RaggedTensor.from_tensor(out, lengths=counts)
-    # Ids the model knows but the tokenizer does not (a padded or extended
-    # vocabulary) detokenize as unknown.
-    known = (new.flat_values >= 0) & (new.flat_values < sp_vocab)
-    new = new.with_flat_values(tf.where(known, new.flat_values, unk))
+    new = known_ids(tf.RaggedTensor.from_tensor(out, lengths=counts))
     return {'text': sp.detokenize(new), 'tokens': out, 'counts': counts}
 
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None], tf.string, name='text')])
+  def tokenize(text):
+    ids = sp.tokenize(text)
+    return {'tokens': ids.to_tensor(default_value=0),
+            'lengths': tf.cast(ids.row_lengths(), tf.int32)}
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None, None], tf.int32, name='tokens'),
+                                tf.TensorSpec([None], tf.int32, name='lengths')])
+  def detokenize(tokens, lengths):
+    lengths = tf.minimum(tf.maximum(lengths, 0), tf.shape(tokens)[1])
+    return {'text': sp.detokenize(known_ids(tf.RaggedTensor.from_tensor(tokens,
+                                                                       lengths=lengths)))}
+
   # The tokenizer holds a TF resource: the module must track it.
-  return sp, text
+  return sp, text, {'tokenize': tokenize, 'detokenize': detokenize}
 
 
 def tokenizer_assets(run) -> list:
@@ -202,6 +325,7 @@ def tokenizer_assets(run) -> list:
 
 
 def export(workdir: str, out: str, *, step: int | None = None, quantize: str = 'none',
+           group_size: int = quantize_lib.DEFAULT_GROUP, int4_embeddings: bool = False,
            max_new_tokens: int = 128, batch_buckets: Sequence[int] = (1, 4, 8),
            prompt_buckets: Sequence[int] | None = None,
            platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
@@ -233,6 +357,10 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   if bad:
     raise UserError(f'--platforms has {bad[0]!r}; choose from {", ".join(PLATFORMS)}.')
   run = workdir_lib.load(workdir, step)
+  if objectives.objective_of(run.config) == 'reward':
+    return _export_scorer(run, out, quantize=quantize, batch_buckets=batch_buckets,
+                          platforms=platforms, overwrite=overwrite, guard=guard,
+                          text_signature=text_signature, log=log)
   cfg = run.model_cfg
   if cfg.head != 'lm':  # An encoder's task head: classify / answer signatures.
     if quantize != 'none':
@@ -244,7 +372,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   width = max(1, min(max_new_tokens, cfg.max_len - 1))
   prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
   t0 = time.time()
-  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
+  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize, group_size,
+                                                       int4_embeddings)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
                     if run.tokenizer is not None and run.tokenizer.kind == 'sentencepiece'
                     and text_signature else None)
@@ -257,14 +386,20 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
     tf.saved_model.save(module, tmp, signatures=signatures)
     info = {
         'workdir': run.workdir, 'step': run.step, 'quantize': quantize,
+        **({'int4_group_size': group_size, 'int4_embeddings': int4_embeddings}
+           if quantize == 'int4' else {}),
         'max_new_tokens': width, 'max_len': cfg.max_len,
         'vocab_size': cfg.vocab_size, 'platforms': list(platforms),
         'stop_ids': list(stop_ids), 'batch_buckets': list(batch_buckets),
         'prompt_buckets': prompt_buckets,
-        'signatures': ['serving_default'] + ([TEXT_SIGNATURE] if tokenizer_path else []),
+        'signatures': sorted(signatures),
         # Signature -> argument -> graph tensor: what a Session.Run client
         # (the Go runtime) feeds and fetches, without parsing saved_model.pb.
         'signature_tensors': signature_tensors(tmp),
+        # For the step signatures and the HTTP server (serving/go).
+        'cache': cache_info(cfg), 'top_logprobs': decode.TOP_LOGPROBS,
+        'eos_id': run.tokenizer.eos_id if run.tokenizer is not None else -1,
+        'chat_template': run.config.sft.template,
         'param_bytes': int(sum(a.nbytes for a in arrays)),
         'param_bytes_float32': int(sum(4 * int(np.prod(s.shape)) for s in specs)),
     }
@@ -275,21 +410,141 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
                  ((sig, inputs) for sig, inputs in warmup.warmup_requests(
                      batch_buckets, prompt_buckets, cfg.max_len, fill)
                   if sig != TEXT_SIGNATURE or tokenizer_path is not None))
-    if quantize == 'int8' and eval_batches > 0:
-      info['perplexity'] = quantize_lib.int8_perplexity(run, specs, arrays, treedef,
-                                                        eval_batches)
+    if quantize != 'none' and eval_batches > 0:
+      formats = quantize_lib.compare_formats(run, eval_batches, group_size,
+                                             int4_embeddings)
+      info['formats'] = formats
+      info['perplexity'] = {**{k: formats[k]['perplexity']
+                               for k in ('float32', 'int8', 'int4')},
+                            'tokens': formats['tokens']}
     info['saved_model_bytes'] = dir_bytes(tmp)
     info['export_seconds'] = round(time.time() - t0, 1)
     files.atomic_write_json(os.path.join(extra, INFO_FILE), info)
   log(f'Exported step {run.step} of {run.workdir} to {out} '
       f'({info["saved_model_bytes"] / 2**20:.2f} MiB, {quantize}) in '
       f'{info["export_seconds"]:.0f}s.')
-  if 'perplexity' in info:
-    p = info['perplexity']
-    log(f'int8: parameters {info["param_bytes"] / 2**20:.2f} MiB against '
-        f'{info["param_bytes_float32"] / 2**20:.2f} MiB float32; validation '
-        f'perplexity {p["float32"]:.3f} -> {p["int8"]:.3f} '
-        f'({100 * (p["int8"] / p["float32"] - 1):+.3f}%).')
+  if 'formats' in info:
+    f = info['formats']
+    for name in ('float32', 'int8', 'int4'):
+      log(f'{name:8s} parameters {f[name]["param_bytes"] / 2**20:7.3f} MiB; validation '
+          f'perplexity {f[name]["perplexity"]:.3f} '
+          f'({100 * (f[name]["perplexity"] / f["float32"]["perplexity"] - 1):+.3f}%)'
+          + (' <- this export' if name == quantize else ''))
+  return info
+
+
+# ---- A reward model's scorer.
+
+SCORE_SIGNATURE = 'score'
+SCORE_TEXT_SIGNATURE = 'score_text'
+
+
+def _score_function(run, specs, treedef, module, platforms):
+  """The checked ids-in, rewards-out function over the module's variables.
+
+  Rows are padded to the model's context before the converted function, so
+  its only polymorphic dimension is the batch (one compile per batch size).
+  """
+  cfg = run.model_cfg
+
+  def jax_fn(flat, tokens, lengths):
+    model = nnx.merge(run.graphdef, quantize_lib.unflatten_params(specs, flat, treedef))
+    return model.score(tokens, lengths - 1)
+
+  tf_fn = jax2tf.convert(jax_fn, with_gradient=False,
+                         native_serialization_platforms=tuple(platforms),
+                         polymorphic_shapes=[None, '(b, _)', '(b,)'])
+
+  def checked_score(tokens, lengths):
+    width = tf.shape(tokens)[1]
+    checks = [
+        tf.debugging.assert_equal(tf.shape(lengths)[0], tf.shape(tokens)[0], message=(
+            'lengths must have one entry per row of tokens')),
+        tf.debugging.assert_greater_equal(lengths, 1, message=(
+            'every row needs at least one token (lengths >= 1)')),
+        tf.debugging.assert_less_equal(lengths, width, message=(
+            'a length exceeds the row width (tokens.shape[1])')),
+        tf.debugging.assert_less_equal(width, cfg.max_len, message=(
+            f'rows longer than the model context max_len={cfg.max_len}')),
+        tf.debugging.assert_greater_equal(tokens, 0, message='token id below 0'),
+        tf.debugging.assert_less(tokens, cfg.vocab_size, message=(
+            f'token id outside the vocabulary [0, {cfg.vocab_size})')),
+    ]
+    with tf.control_dependencies(checks):
+      tokens = tf.pad(tokens, [[0, 0], [0, cfg.max_len - width]])
+    tokens = tf.ensure_shape(tokens, [None, cfg.max_len])
+    return tf_fn(list(module.params), tokens, lengths)
+
+  return checked_score
+
+
+def _score_text_function(run, tokenizer_path, checked_score):
+  """(tokenizer, the prompt and response strings in, rewards out function)."""
+  tf_text = tfhost.import_text()
+  with open(tokenizer_path, 'rb') as f:
+    sp = tf_text.SentencepieceTokenizer(model=f.read(), out_type=tf.int32)
+  template = run.config.sft.template
+  pieces = lambda role: template.replace('{role}', role).split('{content}')
+  (user_head, user_tail), (bot_head, bot_tail) = pieces('user'), pieces('assistant')
+  string = lambda text: tf.TensorSpec([None], tf.string, name=text)
+
+  @tf.function(autograph=False, input_signature=[string('prompt'), string('response')])
+  def score_text(prompt, response):
+    batch = tf.shape(prompt)[0]
+    const = lambda text: tf.fill([batch], text)
+    # The pieces sft.render encodes one by one, in its order.
+    parts = [const(user_head), prompt + user_tail, const(bot_head), response + bot_tail]
+    ids = tf.concat([sp.tokenize(p) for p in parts], axis=1)
+    lengths = tf.cast(ids.row_lengths(), tf.int32)
+    return {'reward': checked_score(ids.to_tensor(default_value=0), lengths)}
+
+  return sp, score_text
+
+
+def _export_scorer(run, out, *, quantize, batch_buckets, platforms, overwrite, guard,
+                   text_signature, log) -> dict:
+  """Writes a reward model's ``score`` (and ``score_text``) SavedModel."""
+  t0 = time.time()
+  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
+  module = tf.Module()
+  module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
+                   for i, a in enumerate(arrays)]
+  checked_score = _score_function(run, specs, treedef, module, platforms)
+
+  @tf.function(autograph=False,
+               input_signature=[tf.TensorSpec([None, None], tf.int32, name='tokens'),
+                                tf.TensorSpec([None], tf.int32, name='lengths')])
+  def score(tokens, lengths):
+    return {'reward': checked_score(tokens, lengths)}
+
+  module.score = score
+  signatures = {'serving_default': score, SCORE_SIGNATURE: score}
+  warm = [(SCORE_SIGNATURE, dict(tokens=np.ones((b, 1), np.int32),
+                                 lengths=np.ones((b,), np.int32))) for b in batch_buckets]
+  if run.tokenizer is not None and text_signature:
+    path = os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
+    module.tokenizer_model = tf.saved_model.Asset(path)
+    module.sp, module.score_text = _score_text_function(run, path, checked_score)
+    signatures[SCORE_TEXT_SIGNATURE] = module.score_text
+    warm += [(SCORE_TEXT_SIGNATURE, dict(prompt=np.array([b'Hi'] * b, dtype=object),
+                                         response=np.array([b'Hello'] * b, dtype=object)))
+             for b in batch_buckets]
+  with files.atomic_dir(out, overwrite=overwrite, marker=EXPORT_MARKER, **guard) as tmp:
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    info = {'workdir': run.workdir, 'step': run.step, 'quantize': quantize,
+            'objective': 'reward', 'max_len': run.model_cfg.max_len,
+            'vocab_size': run.model_cfg.vocab_size, 'platforms': list(platforms),
+            'batch_buckets': list(batch_buckets), 'signatures': sorted(signatures),
+            'signature_tensors': signature_tensors(tmp),
+            'param_bytes': int(sum(a.nbytes for a in arrays))}
+    extra = os.path.join(tmp, 'assets.extra')
+    os.makedirs(extra, exist_ok=True)
+    warmup.write(os.path.join(extra, warmup.WARMUP_FILE), warm)
+    info['saved_model_bytes'] = dir_bytes(tmp)
+    info['export_seconds'] = round(time.time() - t0, 1)
+    files.atomic_write_json(os.path.join(extra, INFO_FILE), info)
+  log(f'Exported the reward model at step {run.step} of {run.workdir} to {out} '
+      f'({info["saved_model_bytes"] / 2**20:.2f} MiB; signatures {", ".join(sorted(signatures))}).')
   return info
 
 

@@ -22,7 +22,7 @@ from llm_jax.core import files
 from llm_jax.core.errors import UserError
 from llm_jax.data import masking, pipeline, shards
 from llm_jax.runs import workdir as workdir_lib
-from llm_jax.training import steps
+from llm_jax.training import sparsity, steps
 
 EVAL_DIR = 'eval'
 LN2 = math.log(2)
@@ -151,6 +151,17 @@ def evaluate_files(run, pattern: str, *, batch_size: int | None = None) -> dict:
              for lo in range(0, num_windows, step))
   out = _lm_metrics(run, _sum_batches(run, batches), int(tokens.size), text_bytes)
   return {'data': f'{len(paths)} file(s) {pattern}', **out}
+
+
+def model_size(run) -> dict:
+  """Parameter counts, sparsity of the block kernels and stored sizes of a run.
+
+  See ``training.sparsity.count``: ``params``, ``params_nonzero``,
+  ``sparsity`` (zeros among the prunable block kernels: 0 for a dense run),
+  ``float32_bytes`` and ``sparse_bytes``; plus ``mlp_dim`` (smaller after
+  structured pruning).
+  """
+  return {**sparsity.count(run.params), 'mlp_dim': run.model_cfg.mlp_dim}
 
 
 def write_json(workdir: str, name: str, results: dict) -> str:

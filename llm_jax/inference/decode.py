@@ -2,7 +2,7 @@
 
 ``decode_tokens`` is a pure function of the parameters and the request (no
 Python control flow on values), so the same code runs under ``jax.jit`` here
-and inside the exported SavedModel (llm_jax/export.py).
+and inside the exported SavedModel (llm_jax/deploy/saved_model.py).
 
 Layout of a request (all rows padded to the same prompt width P):
 
@@ -68,11 +68,13 @@ def _embed(model, tokens_BT, positions_BT):
                                       scaling_factor=model.cfg.rope_scaling_factor)
 
 
-def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
-  """One block on T new tokens; their keys/values go into the cache at ``slot``.
+def _attend_block(block, x_BTD, rope, keys_fn):
+  """One block on T new tokens; ``keys_fn(k_BTKH, v_BTKH)`` gives the keys,
+  values and mask ``[B, T, S]`` they attend to (the cache with them in it).
 
   Same arithmetic as ``model.Block`` (pre-norm attention then MLP), with the
-  attention reading the cache instead of only the new tokens.
+  attention reading the cache instead of only the new tokens. Returns the
+  block's output, the new tokens' keys and values, and what keys_fn gave.
   """
   attn = block.attn
   h_BTD = block.attn_norm(x_BTD)
@@ -80,12 +82,22 @@ def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
   if rope is not None:
     q_BTNH = model_lib.apply_rope(q_BTNH, *rope)
     k_BTKH = model_lib.apply_rope(k_BTKH, *rope)
-  k_BSKH = jax.lax.dynamic_update_slice_in_dim(
-      k_BSKH, k_BTKH.astype(k_BSKH.dtype), slot, axis=1)
-  v_BSKH = jax.lax.dynamic_update_slice_in_dim(
-      v_BSKH, v_BTKH.astype(v_BSKH.dtype), slot, axis=1)
+  k_BSKH, v_BSKH, mask_BTS = keys_fn(k_BTKH, v_BTKH)
   x_BTD = x_BTD + attn.o(attention.xla_attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS))
   x_BTD = x_BTD + block.mlp(block.mlp_norm(x_BTD))
+  return x_BTD, (k_BTKH, v_BTKH), (k_BSKH, v_BSKH)
+
+
+def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
+  """One block on T new tokens; their keys/values go into the cache at ``slot``."""
+
+  def into_cache(k_BTKH, v_BTKH):
+    return (jax.lax.dynamic_update_slice_in_dim(
+        k_BSKH, k_BTKH.astype(k_BSKH.dtype), slot, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(
+                v_BSKH, v_BTKH.astype(v_BSKH.dtype), slot, axis=1), mask_BTS)
+
+  x_BTD, _, (k_BSKH, v_BSKH) = _attend_block(block, x_BTD, rope, into_cache)
   return x_BTD, k_BSKH, v_BSKH
 
 
@@ -266,6 +278,157 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   return out_BW, counts_B
 
 
+# ---- Step by step: the cache in the caller's hands (the export's prefill,
+# decode_step and score signatures; a server batches rows that started at
+# different times into one step).
+#
+# Every row owns its cache row and starts at slot 0: the token at position p
+# sits in slot p, so rows need no common offset. The cache travels as one
+# array ``cache_BLCSKH`` [batch, layers, 2 (keys, values), slots, kv heads,
+# head dim]; ``decode_step`` only reads it and returns the new slot. Sampling takes per-row settings; row b draws step j with
+# ``fold_in(fold_in(PRNGKey(seed_B[b]), j), index_B[b])``, the key
+# ``decode_tokens`` gives row ``index`` of a batch with that seed, so a request
+# reproduces ``generate`` whatever else shares the step.
+
+TOP_LOGPROBS = 5  # Alternatives reported per token (OpenAI's limit for completions).
+
+
+def stack_cache(cache: list) -> jax.Array:
+  """Per-layer ``(k_BSKH, v_BSKH)`` pairs -> ``cache_BLCSKH``."""
+  return jnp.stack([jnp.stack(kv, axis=1) for kv in cache], axis=1)
+
+
+def _prompt_logits(model, tokens_BT):
+  """Logits of right-padded rows starting at position 0, and their cache."""
+  B, T = tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+  cache = init_cache(model.cfg, B, T)
+  # Causal attention alone keeps padding (after a row's tokens) out of them.
+  return forward_cached(model, tokens_BT, positions_BT, cache, 0,
+                        jnp.ones((B, T), jnp.bool_))
+
+
+def sample_rows(logits_BV, seed_B, step_B, index_B, temperature_B, top_k_B, top_p_B):
+  """One token per row, each with its own sampling settings (as ``sample``)."""
+
+  def draw(logits_BV):
+    scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    cut_row = lambda s_V, k, p: _cut(s_V[None], k, p)[0]
+    cut_BV = jax.lax.cond(jnp.any((top_k_B > 0) | (top_p_B < 1.0)),
+                          lambda s: jax.vmap(cut_row)(s, top_k_B, top_p_B),
+                          lambda s: s, scaled_BV)
+    keys_B = jax.vmap(lambda s, j, i: jax.random.fold_in(
+        jax.random.fold_in(jax.random.PRNGKey(s), j), i))(seed_B, step_B, index_B)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, cut_BV).astype(jnp.int32)
+    return jnp.where(temperature_B <= 0, jnp.argmax(logits_BV, -1).astype(jnp.int32),
+                     drawn_B)
+
+  # All-greedy batches skip the sampling (the sort behind the cuts is costly).
+  return jax.lax.cond(jnp.all(temperature_B <= 0),
+                      lambda l: jnp.argmax(l, -1).astype(jnp.int32), draw, logits_BV)
+
+
+def top_k_by_argmax(x_XV, k: int):
+  """``(values, int32 ids)`` of the k largest along the last axis, best first.
+
+  k argmax passes instead of ``lax.top_k``, whose StableHLO composite the
+  exporting jax writes and TensorFlow 2.21's XlaCallModule cannot read.
+  """
+  V = x_XV.shape[-1]
+  values, ids = [], []
+  for _ in range(k):
+    i_X = jnp.argmax(x_XV, axis=-1)
+    values.append(jnp.take_along_axis(x_XV, i_X[..., None], -1)[..., 0])
+    ids.append(i_X.astype(jnp.int32))
+    x_XV = jnp.where(jnp.arange(V) == i_X[..., None], -jnp.inf, x_XV)
+  return jnp.stack(values, -1), jnp.stack(ids, -1)
+
+
+def _sampled(logits_BV, sampling) -> dict:
+  """The drawn token, its log-probability and the likeliest alternatives."""
+  token_B = sample_rows(logits_BV, *sampling)
+  logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  top_BK, top_ids_BK = top_k_by_argmax(logprobs_BV, TOP_LOGPROBS)
+  return {'token': token_B,
+          'logprob': jnp.take_along_axis(logprobs_BV, token_B[:, None], -1)[:, 0],
+          'top_tokens': top_ids_BK, 'top_logprobs': top_BK}
+
+
+def prefill(params, tokens_BP, lengths_B, seed_B, index_B, temperature_B, top_k_B,
+            top_p_B, *, graphdef) -> dict:
+  """Runs right-padded prompts; draws each row's first new token (step 0).
+
+  Returns:
+    ``cache`` [B, L, 2, P, K, H] (slots past a row's length hold padding that
+    later steps overwrite before reading) and ``_sampled``'s outputs.
+  """
+  model = nnx.merge(graphdef, params)
+  logits_BPV, cache = _prompt_logits(model, tokens_BP)
+  last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], 1)[:, 0]
+  sampling = (seed_B, jnp.zeros_like(seed_B), index_B, temperature_B, top_k_B, top_p_B)
+  return {'cache': stack_cache(cache), **_sampled(last_BV, sampling)}
+
+
+def decode_step(params, cache_BLCSKH, tokens_B, positions_B, step_B, seed_B, index_B,
+                temperature_B, top_k_B, top_p_B, *, graphdef) -> dict:
+  """Feeds each row's last token at its own position; draws step ``step_B``.
+
+  The cache is only read: row b attends to its slots below ``positions_B[b]``
+  and to the new token itself, so what a longer or shorter neighbour left in
+  the other slots never reaches it. The new token's keys and values come
+  back as ``kv`` for the caller to write into slot ``positions_B[b]`` (a
+  step then moves one slot per row, not the whole cache).
+
+  Returns:
+    ``kv`` [B, L, 2, K, H] and ``_sampled``'s outputs.
+  """
+  model = nnx.merge(graphdef, params)
+  S = cache_BLCSKH.shape[3]
+  mask_B1S = jnp.concatenate([jnp.arange(S)[None] < positions_B[:, None],
+                              jnp.ones_like(positions_B[:, None], jnp.bool_)], 1)[:, None]
+  x_B1D, rope = _embed(model, tokens_B[:, None], positions_B[:, None])
+  kv = []
+  for l, block in enumerate(model.blocks):
+    cached = cache_BLCSKH[:, l]
+
+    def with_new(k_B1KH, v_B1KH, cached=cached):
+      return (jnp.concatenate([cached[:, 0], k_B1KH.astype(cached.dtype)], 1),
+              jnp.concatenate([cached[:, 1], v_B1KH.astype(cached.dtype)], 1), mask_B1S)
+
+    x_B1D, (k_B1KH, v_B1KH), _ = _attend_block(block, x_B1D, rope, with_new)
+    kv.append(jnp.stack([k_B1KH[:, 0], v_B1KH[:, 0]], 1).astype(cached.dtype))
+  sampling = (seed_B, step_B, index_B, temperature_B, top_k_B, top_p_B)
+  return {'kv': jnp.stack(kv, 1), **_sampled(_logits(model, x_B1D)[:, 0], sampling)}
+
+
+def score(params, tokens_BT, *, graphdef) -> dict:
+  """Log-probability of every token given those before it (right-padded rows).
+
+  Returns:
+    ``logprobs`` [B, T] (column 0, which nothing predicts, is 0),
+    ``top_tokens`` / ``top_logprobs`` [B, T, TOP_LOGPROBS]: the likeliest
+    tokens at each position (zeros in column 0).
+  """
+  logits_BTV, _ = _prompt_logits(nnx.merge(graphdef, params), tokens_BT)
+  logprobs_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  top_BTK, ids_BTK = top_k_by_argmax(logprobs_BTV, TOP_LOGPROBS)
+  # Position t predicts token t+1. Gathers, not slices, shift by one: the
+  # export's T is symbolic, and T-1 columns cannot be proven non-empty.
+  T = tokens_BT.shape[1]
+  t_T = jnp.arange(T)
+  next_BT = jnp.take(tokens_BT, jnp.minimum(t_T + 1, T - 1), axis=1)
+  got_BT = jnp.take_along_axis(logprobs_BTV, next_BT[..., None], -1)[..., 0]
+
+  def from_previous(x):  # Column t gets column t-1's value; column 0 gets 0.
+    x = jnp.take(x, jnp.maximum(t_T - 1, 0), axis=1)
+    first = (t_T == 0).reshape((1, T) + (1,) * (x.ndim - 2))
+    return jnp.where(first, jnp.zeros_like(x), x)
+
+  return {'logprobs': from_previous(got_BT),
+          'top_tokens': from_previous(ids_BTK),
+          'top_logprobs': from_previous(top_BTK)}
+
+
 decode_jit = jax.jit(decode_tokens, static_argnames=(
     'graphdef', 'width', 'stop_ids', 'pad_id', 'on_token'))
 
@@ -372,7 +535,7 @@ def generate_for_run(run, prompts: list[list[int]], *, max_new_tokens: int,
     run: a ``workdir.Run``.
     prompts: token ids per prompt (checked with ``check_prompts``).
     max_new_tokens: new tokens per row at most.
-    temperature, top_k, top_p, seed: sampling, as in llm_jax/decode.py.
+    temperature, top_k, top_p, seed: sampling, as in decode_tokens.
     width: the static output width (default ``max_new_tokens``).
     prompt_width: the padded prompt width (default: the next bucket).
     on_token: streaming callback (see ``decode.decode_tokens``).

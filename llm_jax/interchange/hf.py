@@ -174,7 +174,7 @@ def _rope_settings(hf: dict) -> tuple[float, float]:
   raise UserError(
       f'RoPE scaling type {kind!r} in config.json is not supported: only '
       "'linear' (and none) are. Import a model without it, or add that scaling "
-      'to llm_jax/model.py rope_tables.')
+      'to llm_jax/model/transformer.py rope_tables.')
 
 
 def model_settings(hf: dict) -> tuple[str, dict, int, int]:
@@ -509,7 +509,8 @@ def import_tokenizer(hf_dir: str):
   """
   sp_path = os.path.join(hf_dir, tokenizer_lib.SENTENCEPIECE_FILE)
   if os.path.exists(sp_path):
-    return tokenizer_lib.Tokenizer.load(sp_path)
+    return tokenizer_lib.Tokenizer.load(
+        sp_path, fix='move it out of --hf_dir to import without a tokenizer')
   if any(os.path.exists(os.path.join(hf_dir, n))
          for n in ('tokenizer.json', 'vocab.json', 'vocab.txt')):
     return tokenizer_lib.load(hf_dir)
@@ -546,18 +547,24 @@ def import_hf(hf_dir: str, workdir: str, seq_len: int = 0) -> str:
   source = dict(hf_dir=os.path.abspath(hf_dir), family=family,
                 architectures=hf.get('architectures'))
   return workdir_lib.write(workdir, config, params, vocab_size=vocab_size,
-                         tokenizer=tokenizer, source=source)
+                         tokenizer=tokenizer, source=source, protect=(hf_dir,))
 
 
 def export_hf(workdir: str, out_dir: str, fmt: str = '', step: int | None = None) -> str:
-  """Writes a run's parameters as a HF directory (config + model.safetensors)."""
+  """Writes a run's parameters as a HF directory (config + model.safetensors).
+
+  ``out_dir`` must not be, hold or lie inside the run (checked before
+  anything is read), and an existing non-empty ``out_dir`` is refused.
+  """
+  guard = dict(protect=(os.path.abspath(workdir),), what='Hugging Face export')
+  files.check_replaceable(os.path.abspath(out_dir), marker=None, **guard)
   run = workdir_lib.load(workdir, step)
   params = run.params
   if any('/lora_' in k for k in flatten_params(params)):
     params = lora.merge(params, run.config.lora)
   family = export_family(run.model_cfg, fmt)
   tensors = params_to_hf(family, params, run.model_cfg)
-  with files.atomic_dir(out_dir, what='Hugging Face export') as tmp:
+  with files.atomic_dir(out_dir, **guard) as tmp:
     save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={'format': 'pt'})
     labels = [n for n in run.config.task.labels.split(',') if n]
     files.atomic_write_json(os.path.join(tmp, 'config.json'),

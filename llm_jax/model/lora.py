@@ -173,3 +173,14 @@ def freeze_base(params):
     return params
   return jax.tree_util.tree_map_with_path(
       lambda p, v: v if is_adapter_path(p) else jax.lax.stop_gradient(v), params)
+
+
+def adapters_off(params):
+  """``params`` with every ``lora_b`` zero: the base model, exactly (a no-op without adapters).
+
+  A LoRA run's reference model (DPO, GRPO) is its own base: the adapter
+  update ``(x @ A) @ B`` is then exactly 0, and no second copy is held.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.zeros_like(v) if getattr(p[-1], 'key', None) == 'lora_b' else v,
+      params)

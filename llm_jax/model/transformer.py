@@ -20,7 +20,7 @@ Parameters are stored float32 and cast to ``ModelConfig.dtype`` where they are
 used; norms and the attention softmax run in float32; logits come back float32.
 
 Every parameter carries logical axis names in its ``out_sharding`` metadata
-(``eager_sharding=False`` keeps them as names only; ``llm_jax/sharding.py``
+(``eager_sharding=False`` keeps them as names only; ``llm_jax/training/sharding.py``
 maps them to mesh axes through ``config.mesh.rules``):
 
   =====================  ===========  ==============================
@@ -83,7 +83,7 @@ GELUS = ('tanh', 'exact')  # GPT-2's tanh approximation, or BERT's erf GELU.
 HEADS = ('lm', 'classification', 'qa')
 DTYPES = ('float32', 'bfloat16')
 # 'decoder': causal attention, next-token LM. 'encoder': bidirectional
-# attention, masked-LM (the same blocks and head; see llm_jax/masking.py).
+# attention, masked-LM (the same blocks and head; see llm_jax/data/masking.py).
 KINDS = ('decoder', 'encoder')
 # What a block keeps for the backward pass: everything ('none'), only its
 # input ('full': recompute the block), or its matmul outputs ('dots').
@@ -92,7 +92,7 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# Kernels behind one signature (llm_jax/attention.py); 'auto' picks per platform.
+# Kernels behind one signature (llm_jax/model/attention.py); 'auto' picks per platform.
 ATTENTION_BACKENDS = ('xla', 'cudnn', 'splash', 'auto')
 _POSITIVE_INTS = ('num_layers', 'd_model', 'num_heads', 'num_kv_heads',
                   'head_dim', 'mlp_dim')

@@ -1,6 +1,6 @@
 r"""Generation benchmark behind ``python -m llm_jax.bench decode``: JAX against the SavedModel.
 
-Exports the run twice (float32 and ``--quantize=int8``, lowered for cpu only)
+Exports the run three times (float32, ``--quantize=int8`` and ``int4``, lowered for cpu only)
 into a temporary directory, then times, per batch size, the same greedy
 requests through ``decode.decode_jit`` (jitted, compiled before timing) and
 through the SavedModel's ``serving_default`` (TF2 loader, warmed up):
@@ -51,13 +51,15 @@ def _measure(run_fn, batch: int, max_new: int, repeats: int) -> dict:
 
 
 def _export_sizes(run, tmp: str, width: int, log) -> dict:
-  """Exports float32 and int8 (cpu, no stop tokens); returns dirs and sizes."""
+  """Exports float32, int8 and int4 (cpu, no stop tokens); returns dirs and sizes."""
   result = {}
-  for quantize in ('none', 'int8'):
+  for quantize in ('none', 'int8', 'int4'):
     out = os.path.join(tmp, quantize)
     # No stop tokens: every row runs the full width, as the JAX side does.
     info = export.export(run.workdir, out, quantize=quantize, max_new_tokens=width,
-                         platforms=('cpu',), batch_buckets=(1,), eval_batches=4,
+                         platforms=('cpu',), batch_buckets=(1,),
+                         # The int4 export measures all three perplexities.
+                         eval_batches=4 if quantize == 'int4' else 0,
                          stop_ids=(), log=log)
     result[quantize] = {'dir': out, 'saved_model_bytes': info['saved_model_bytes'],
                         'variables_bytes': export.dir_bytes(os.path.join(out, 'variables')),
@@ -108,7 +110,8 @@ def bench(workdir: str, batches: list[int], prompt_len: int, max_new: int,
 
       for name, fn in (('JAX (jit)', jax_fn),
                        ('SavedModel float32', lambda n: tf_fn(n, models['none'])),
-                       ('SavedModel int8', lambda n: tf_fn(n, models['int8']))):
+                       ('SavedModel int8', lambda n: tf_fn(n, models['int8'])),
+                       ('SavedModel int4', lambda n: tf_fn(n, models['int4']))):
         row = {'engine': name, 'batch': batch, **_measure(fn, batch, max_new, repeats)}
         results['rows'].append(row)
         log(f'{name:20s} batch {batch}: {row["tokens_per_sec"]:8.1f} tokens/s')
@@ -127,12 +130,13 @@ def markdown(r: dict) -> str:
                  f'{row["per_token_ms"]:.2f} | {row["tokens_per_sec"]:.0f} |')
   s = r['sizes']
   lines += ['', '| SavedModel | total size | variables/ |', '| --- | ---: | ---: |']
-  for name, key in (('float32', 'none'), ('int8', 'int8')):
+  for name, key in (('float32', 'none'), ('int8', 'int8'), ('int4', 'int4')):
     lines.append(f'| {name} | {s[key]["saved_model_bytes"] / 2**20:.2f} MiB | '
                  f'{s[key]["variables_bytes"] / 2**20:.2f} MiB |')
-  ppl = s['int8'].get('perplexity')
+  ppl = s['int4'].get('perplexity')
   if ppl:
-    lines += ['', f'int8 validation perplexity: {ppl["float32"]:.3f} (float32) -> '
-              f'{ppl["int8"]:.3f} (int8), {100 * (ppl["int8"] / ppl["float32"] - 1):+.3f}% '
-              f'over {ppl["tokens"]:,} tokens.']
+    lines += ['', f'Validation perplexity over {ppl["tokens"]:,} tokens: '
+              f'{ppl["float32"]:.3f} (float32), ' + ', '.join(
+                  f'{ppl[k]:.3f} ({k}, {100 * (ppl[k] / ppl["float32"] - 1):+.3f}%)'
+                  for k in ('int8', 'int4')) + '.']
   return '\n'.join(lines)

@@ -3,7 +3,7 @@
   train       compile time, steady-state step time (median of ``steps``
               steps after ``warmup``, each blocked on), tokens/s, MFU and
               peak memory of the real train step on random tokens.
-  data        batches/s of the tf.data input pipeline against the batches/s a
+  data        batches/s of the input pipeline against the batches/s a
               train step consumes (prepares the config's data first).
   checkpoint  save and restore bytes/s of the train state, and how long an
               async save holds the loop against the step time.
@@ -208,7 +208,7 @@ def bench_train(config, *, steps: int, warmup: int) -> tuple[dict, list]:
 
 
 def bench_data(config, *, steps: int, warmup: int) -> tuple[dict, list]:
-  """Batches/s the tf.data pipeline delivers against what a train step takes."""
+  """Batches/s the input pipeline delivers against what a train step takes."""
   import jax  # pylint: disable=g-import-not-at-top
   from llm_jax.training import metrics  # pylint: disable=g-import-not-at-top
   from llm_jax.data import pipeline, shards  # pylint: disable=g-import-not-at-top
@@ -243,7 +243,7 @@ def bench_data(config, *, steps: int, warmup: int) -> tuple[dict, list]:
   rows = [
       ('config', f'{config.name}: batch {batch_size} x {config.data.seq_len}'),
       ('machine', r['machine']),
-      (f'pipeline (tf.data, {n} batches)',
+      (f'pipeline (prefetch thread, {n} batches)',
        f'{r["pipeline_batches_per_sec"]:,.1f} batches/s '
        f'({r["pipeline_tokens_per_sec"]:,.0f} tokens/s)'),
       ('train step consumes', f'{r["train_batches_per_sec"]:,.2f} batches/s '

@@ -4,7 +4,8 @@
 another run's (or an imported) checkpoint, with this run's own optimizer
 state, schedule and data. The parameter shapes must match; LoRA adapters
 (``llm_jax/model/lora.py``) keep their own fresh init. ``config_from`` makes
-the config of a run that continues another (``configs/continued.py``).
+the config of a run that continues another (``configs/continued.py``),
+holding a pruned source's zeros at zero (``prune.keep_zeros``).
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.core.configuration import base_config
@@ -20,7 +22,7 @@ from llm_jax.model import heads, lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.training import checkpoint as ckpt_lib
-from llm_jax.training import metrics
+from llm_jax.training import metrics, sparsity
 from llm_jax.training.checkpoint import flatten_params, unflatten_like
 
 # Model keys that change how the model computes, never its function or shapes.
@@ -94,7 +96,7 @@ def check_fits(source_flat: dict, target_flat: dict, source_cfg, target_cfg,
   diffs = _model_differences(source_cfg, target_cfg)
   why = f' (model differences: {"; ".join(diffs)})' if diffs else ''
   for path, spec in target_flat.items():
-    if '/lora_' in path or (heads.is_task_head_path(path) and path not in source_flat):
+    if _fresh(path, source_flat):
       continue
     if path not in source_flat:
       raise UserError(f'init_from={where} has no parameter {path}{why}. Use the '
@@ -104,8 +106,11 @@ def check_fits(source_flat: dict, target_flat: dict, source_cfg, target_cfg,
                       f'{list(source_flat[path].shape)} there but '
                       f'{list(spec.shape)} here{why}. Use the same model config '
                       'as the source run.')
+  # A head the source has and this model lacks (a reward model's) stays behind,
+  # as does a source's LM head where a task head replaces it.
   extra = sorted(p for p in set(source_flat) - set(target_flat)
-                 if not (target_cfg.head != 'lm' and p.startswith(_LM_ONLY)))
+                 if not (heads.is_head_path(p)
+                         or (target_cfg.head != 'lm' and p.startswith(_LM_ONLY))))
   if extra:
     raise UserError(f'init_from={where} has parameter {extra[0]}, which this '
                     f'model lacks{why}. Use the same model config as the source run.')
@@ -135,21 +140,39 @@ def init_state(trainer, init_from: str):
     host = np.asarray(jax.device_get(value))
     return jax.make_array_from_callback(host.shape, spec.sharding, lambda i: host[i])
 
-  # Adapters, and a task head the source lacks, keep their fresh init.
-  merged = {path: (fresh[path] if '/lora_' in path or path not in source
-                   else place(source[path], spec))
+  merged = {path: (fresh[path] if _fresh(path, source) else place(source[path], spec))
             for path, spec in target.items()}
   metrics.say(f'Initialised from {workdir} (step {run.step}); optimizer state, '
               'schedule and data are this run\'s own.')
-  return state.replace(params=unflatten_like(merged, abstract))
+  params = unflatten_like(merged, abstract)
+  # The optimizer state of the weights the run starts from: with
+  # prune.keep_zeros it records which of them are zero (training/sparsity.py).
+  opt_state = jax.jit(trainer.tx.init,
+                      out_shardings=trainer.state_shardings.opt_state)(params)
+  if sparsity.keeps_zeros(trainer.config):
+    metrics.say(f'prune.keep_zeros: {sparsity.count(params)["prunable_zeros"]:,} '
+                'zero kernel weights stay zero.')
+  state = state.replace(params=params, opt_state=opt_state)
+  if state.ref_params is not None:  # DPO/GRPO's frozen reference: the start.
+    params_shardings = jax.tree.map(lambda s: s.sharding, abstract)
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_shardings)
+    state = state.replace(ref_params=copy(params))
+  return state
 
 
-def config_from(init_from: str, base=None):
+def _fresh(path: str, source: dict) -> bool:
+  """Parameters a run initialises itself: LoRA adapters, and a head the source lacks."""
+  return '/lora_' in path or (heads.is_head_path(path) and path not in source)
+
+
+def config_from(init_from: str, base=None, *, with_template: bool = False):
   """A config that continues ``init_from``: its model, this run's everything else.
 
   The model section (and, for a learned position table, ``data.seq_len``) is
   the source run's; ``init_from`` is set; data, optimizer and schedule are
   ``base``'s (configs/base.py by default), to override on the command line.
+  ``with_template`` also takes the source's ``sft.template`` (alignment
+  after SFT renders conversations as the model learnt them).
   """
   config = base_config() if base is None else base
   if not init_from:
@@ -159,8 +182,12 @@ def config_from(init_from: str, base=None):
   for key in config.model.keys():
     if key in source.model:
       config.model[key] = source.model[key]
+  # A pruned source keeps its zeros (python -m llm_jax.prune sets this).
+  config.prune.keep_zeros = sparsity.keeps_zeros(source)
   if source.model.position == 'learned' or source.data.seq_len < config.data.seq_len:
     config.data.seq_len = source.data.seq_len
+  if with_template and 'sft' in source:
+    config.sft.template = source.sft.template
   config.init_from = init_from
   config.name = f'{os.path.basename(workdir)}-continued'
   return config

@@ -13,6 +13,7 @@ import os
 import jax.numpy as jnp
 import ml_collections
 
+from llm_jax.core import files
 from llm_jax.core.errors import UserError
 from llm_jax.data import tokenizer as tokenizer_lib
 from llm_jax.model import lora
@@ -75,6 +76,9 @@ def extend_vocab_workdir(workdir: str, text: str, num_pieces: int | None,
   Returns:
     The new workdir's absolute path.
   """
+  # Before the (slow) tokenizer training: --out must not be or touch the run.
+  files.check_replaceable(os.path.abspath(out), marker=None,
+                          protect=(os.path.abspath(workdir),), what='run directory')
   run = workdir_lib.load(workdir)
   if run.tokenizer is None or run.tokenizer.kind != 'sentencepiece':
     has = 'no tokenizer' if run.tokenizer is None else f'a {run.tokenizer.file_name}'
@@ -97,4 +101,5 @@ def extend_vocab_workdir(workdir: str, text: str, num_pieces: int | None,
   return workdir_lib.write(
       out, config, params, vocab_size=vocab_size,
       tokenizer=tokenizer_lib.Tokenizer.from_bytes(merged),
-      source=dict(extended_from=run.workdir, step=run.step, added_pieces=len(added)))
+      source=dict(extended_from=run.workdir, step=run.step, added_pieces=len(added)),
+      protect=(run.workdir,))

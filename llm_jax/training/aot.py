@@ -13,7 +13,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from llm_jax.training import sharding
+from llm_jax.data import batch as batch_lib
+from llm_jax.training import objectives, sharding
 from llm_jax.training import trainer
 from llm_jax.core.errors import UserError
 
@@ -60,6 +61,15 @@ def per_device_bytes(abstract_tree) -> int:
   return total
 
 
+def batch_keys(objective) -> tuple[str, ...]:
+  """The batch contract's keys the objective's train step reads."""
+  if objective.is_pairwise:
+    return ('inputs', 'targets', 'weights') + batch_lib.PAIR
+  if isinstance(objective, objectives.Grpo):
+    return ('inputs', 'targets', 'weights') + batch_lib.ROLLOUT
+  return ('inputs', 'targets')
+
+
 def dry_run(config, topology: str = '') -> dict:
   """Compiles one train step for the configured mesh; returns memory figures.
 
@@ -70,14 +80,17 @@ def dry_run(config, topology: str = '') -> dict:
   tr = trainer.Trainer.build(config, config.tokenizer.vocab_size, mesh)
   state = tr.abstract_state()
   shape = (config.train.batch_size, config.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=tr.batch_sharding)
-           for k in ('inputs', 'targets')}
+  batch = {k: jax.ShapeDtypeStruct(shape, batch_lib.DTYPES[k], sharding=tr.batch_sharding)
+           for k in batch_keys(tr.objective)}
   report = {
       'devices': f'{len(devices)} x {devices[0].device_kind}',
       'mesh': dict(mesh.shape),
       'parameters': tr.model_cfg.num_params(),
       'params_bytes': per_device_bytes(state.params),
       'opt_state_bytes': per_device_bytes(state.opt_state),
+      # DPO/GRPO's frozen reference copy (0 with LoRA: the base serves).
+      'reference_bytes': (0 if state.ref_params is None
+                          else per_device_bytes(state.ref_params)),
       'capacity_bytes': device_memory(devices[0]),
   }
   try:
@@ -110,6 +123,7 @@ def format_report(r: dict) -> str:
       'Per device:',
       f'  parameters        {gib(r["params_bytes"])}',
       f'  optimizer state   {gib(r["opt_state_bytes"])}',
+  ] + ([f'  reference copy    {gib(r["reference_bytes"])}'] if r['reference_bytes'] else []) + [
       f'  temporaries       {gib(r["temp_bytes"])}',
       f'  peak (compiled)   {gib(r["peak_bytes"])}   of {cap}: {verdict}',
   ] + ([] if r['fits'] is not False else [

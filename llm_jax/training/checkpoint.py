@@ -7,6 +7,7 @@ and library versions. Because the batch at step ``s`` is a pure function of
 resume needs.
 """
 
+import errno
 import logging
 import os
 import time
@@ -19,7 +20,9 @@ import orbax.checkpoint as ocp
 from llm_jax.core.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
-_MUST_MATCH = ('model', 'lora')
+# ('prune': keep_zeros adds keep masks to the optimizer state; 'objective':
+# DPO/GRPO add a reference copy of the parameters.)
+_MUST_MATCH = ('model', 'lora', 'prune', 'objective')
 # Orbax's names: the marker written last into a finished step directory, and
 # the infix of a step directory still being written.
 _COMMIT_MARKER = 'commit_success.txt'
@@ -27,16 +30,21 @@ _TMP_MARK = 'orbax-checkpoint-tmp'
 
 
 class _OneLineOrbaxErrors(logging.Filter):
-  """Shortens Orbax's background-thread failures to one line each.
+  """Drops Orbax's own error records; shortens its warnings to one line each.
 
-  A failed async save is reported to the user once, as a UserError naming the
-  checkpoint that is still whole; Orbax's own stack traces of the same failure
-  (several per save, from its worker threads) would bury that line.
+  Every Orbax failure reaches us as an exception (a failed async save at the
+  next ``save``, ``wait`` or ``close``), which the user sees once, as a
+  UserError naming the checkpoint that is still whole. Orbax also logs the
+  same failure itself, four records per failed save from its worker threads
+  (each with a stack trace), which would bury that one line.
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if (record.levelno >= logging.WARNING and
-        f'{os.sep}orbax{os.sep}' in record.pathname):
+    if f'{os.sep}orbax{os.sep}' not in record.pathname:
+      return True
+    if record.levelno >= logging.ERROR:
+      return False
+    if record.levelno >= logging.WARNING:
       record.msg = (record.getMessage().splitlines() or [''])[0][:300]
       record.args, record.exc_info, record.exc_text = (), None, None
     return True
@@ -137,6 +145,9 @@ class Checkpointer:
   def _save_failed(self, step: int, error: Exception) -> UserError:
     reason = getattr(error, 'strerror', None) or (
         str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    if 'RESOURCE_EXHAUSTED' in reason or getattr(error, 'errno', None) == errno.ENOSPC:
+      # TensorStore reports a full disk (ENOSPC) as RESOURCE_EXHAUSTED.
+      reason = 'no space left on the device (the disk is full)'
     good = [s for s in self._complete if s != step]
     last = (f'The newest complete checkpoint, step {good[0]}, is untouched'
             if good else 'No complete checkpoint exists yet')

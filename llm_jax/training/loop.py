@@ -2,8 +2,9 @@
 
 ``run_loop`` dispatches step N before it reads step N-1's numbers, so the host
 never waits for the device except for values already computed. Stopping is
-cooperative: SIGINT/SIGTERM (``StopSignals``), a preemption notice or
-``train.stop_at`` finish the step, save a checkpoint and return.
+cooperative: SIGINT/SIGTERM (``StopSignals``), a preemption notice,
+``train.stop_at`` or the caller's ``LoopIO.on_eval`` (a sweep's pruner) finish
+the step, save a checkpoint and return.
 """
 
 import dataclasses
@@ -120,6 +121,11 @@ def restore_or_init(trainer: Trainer, ckpt: ckpt_lib.Checkpointer,
   return (init or trainer.init_fn)(), 0
 
 
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+  """Nats per token over bytes per token, in bits: vocabulary-independent."""
+  return loss_nats_per_token / bytes_per_token / np.log(2)
+
+
 @dataclasses.dataclass
 class LoopIO:
   """The loop's outputs: progress line, TensorBoard, throughput, history."""
@@ -141,6 +147,14 @@ class LoopIO:
   val_bytes_per_token: float = 0.0
   # More eval metrics, e.g. task scores: (params, step) -> {name: number}.
   extra_eval: Any = None
+  # Called after each evaluation during training (the last one too), (step,
+  # evals) -> True to stop there with a checkpoint (a sweep's pruner). With
+  # several processes it must answer the same on each.
+  on_eval: Callable[[int, dict], bool] | None = None
+
+  def asks_to_stop(self, step: int, evals: dict) -> bool:
+    """Whether ``on_eval`` asks to stop after the evaluation at ``step``."""
+    return bool(self.on_eval is not None and self.on_eval(step, evals))
 
   def _non_finite(self, step: int, m: dict) -> None:
     """Applies train.nan_policy to a step whose update was not applied."""
@@ -160,19 +174,21 @@ class LoopIO:
         'not applied and the last checkpoint is kept. Lower '
         'optim.learning_rate or check the data, then rerun to resume.')
 
-  def evaluate(self, trainer: 'Trainer', params, batches, step: int) -> dict:
-    evals = trainer.evaluate(params, batches)
+  def evaluate(self, trainer: 'Trainer', state: TrainState, batches, step: int) -> dict:
+    params = state.params
+    evals = trainer.evaluate(params, batches, ref_params=state.ref_params)
     if self.val_bytes_per_token and trainer.model_cfg.causal:
-      # Nats per token over bytes per token, in bits: vocabulary-independent.
-      evals['val_bpb'] = evals['val_loss'] / self.val_bytes_per_token / np.log(2)
+      evals['val_bpb'] = bits_per_byte(evals['val_loss'], self.val_bytes_per_token)
     if self.extra_eval is not None:
       evals.update(self.extra_eval(params, step))
-    self.val_history[step] = evals['val_loss']
+    # GRPO's headline is the held-out reward; everything else has a loss.
+    self.val_history[step] = evals['val_loss' if 'val_loss' in evals else 'val_reward']
     self.tb.scalars(step, evals)
-    more = ''.join(f' | {k.removeprefix("val_")} {v:.4f}' for k, v in evals.items()
-                   if k not in ('val_loss', 'val_ppl') and isinstance(v, (int, float)))
-    metrics.say(f'eval @ step {step} | val loss {evals["val_loss"]:.4f} | '
-                f'val ppl {evals["val_ppl"]:.2f}{more}')
+    shown = [('val loss', 'val_loss', '.4f'), ('val ppl', 'val_ppl', '.2f')]
+    head = [f'{name} {evals[k]:{fmt}}' for name, k, fmt in shown if k in evals]
+    more = [f'{k.removeprefix("val_")} {v:.4f}' for k, v in evals.items()
+            if k not in ('val_loss', 'val_ppl') and isinstance(v, (int, float))]
+    metrics.say(' | '.join([f'eval @ step {step}'] + head + more))
     self.thr.restart()
     return evals
 
@@ -198,19 +214,26 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
              meta_fn) -> tuple[TrainState, dict]:
   """Steps from ``start`` to ``train.steps`` (or ``train.stop_at``, or a signal).
 
-  Returns the state and the final metrics.
+  Returns the state and the final metrics; ``stopped_on_eval`` says that
+  ``io.on_eval`` stopped the run before ``train.steps``. ``batches`` is an
+  iterator of host batches, or a function of the current state that returns
+  the next one (GRPO's rollouts sample from the parameters of the step they
+  train).
 
   Step N is dispatched before step N-1's metrics are fetched, so the host never
   waits for the device except to read numbers that are already done.
   """
   cfg = trainer.config.train
   pending, evals, stop_signal, stopped_early = None, {}, None, False
+  asked = False  # io.on_eval asked to stop.
   if start == 0:
-    io.evaluate(trainer, state.params, eval_batches, 0)
+    io.evaluate(trainer, state, eval_batches, 0)
   t_start = time.perf_counter()
   with StopSignals() as stop:
     for step in range(start, cfg.steps):
-      batch = sharding.global_batch(next(batches), trainer.batch_sharding)
+      # On-policy objectives (GRPO) make their batch from the current state.
+      local = batches(state) if callable(batches) else next(batches)
+      batch = sharding.global_batch(local, trainer.batch_sharding)
       state, step_metrics = trainer.step_fn(state, batch)
       if pending is not None:
         io.report(*pending)
@@ -223,9 +246,10 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
       if is_last or (cfg.eval_every and done % cfg.eval_every == 0):
         io.report(*pending)
         pending = None
-        evals = io.evaluate(trainer, state.params, eval_batches, done)
+        evals = io.evaluate(trainer, state, eval_batches, done)
+        asked = io.asks_to_stop(done, evals) and not is_last  # The last: done anyway.
       stop_now = _agree_to_stop(stop.received is not None, done, cfg.log_every)
-      stop_here = cfg.stop_at and done >= cfg.stop_at and not is_last
+      stop_here = asked or (cfg.stop_at and done >= cfg.stop_at and not is_last)
       if is_last or ckpt.should_save(done) or stop_now or stop_here:
         # A save needs the state this step is still computing: waiting for it
         # is the step's own time, counted apart from what the save adds.
@@ -249,6 +273,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
             'train_seconds': time.perf_counter() - t_start,
             'val_history': io.val_history, 'loss_history': io.loss_history,
             'stopped_by_signal': stop_signal, 'stopped_early': stopped_early,
+            'stopped_on_eval': asked,
             'nan_skipped': io.nan_skipped, 'first_step_seconds': io.first_step_s,
             'save_block_seconds': io.save_block_s, 'save_wait_seconds': io.save_wait_s}
   return state, result

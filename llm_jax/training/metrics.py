@@ -1,5 +1,7 @@
 """FLOP and MFU accounting, throughput, the progress line and TensorBoard events."""
 
+import os
+import socket
 import sys
 import time
 
@@ -119,6 +121,10 @@ class Throughput:
     return self.tokens_per_step / self.tokens_per_sec()
 
 
+# What every train step reports; anything else is an objective's own metric.
+_STEP_KEYS = ('loss', 'grad_norm', 'lr', 'finite')
+
+
 class ProgressLine:
   """One line per log interval; on a terminal it also refreshes in place."""
 
@@ -131,8 +137,12 @@ class ProgressLine:
   def text(self, step: int, m: dict, thr: Throughput) -> str:
     eta = (self.total - step) * thr.seconds_per_step()
     eta_s = format_duration(eta) if np.isfinite(eta) else '?'
+    # An objective's own metrics (reward accuracy, KL, ...) replace perplexity.
+    extra = [k for k in m if k not in _STEP_KEYS]
+    middle = (''.join(f'{k} {m[k]:.4f} | ' for k in extra) if extra else
+              f'ppl {np.exp(min(m["loss"], 50)):8.2f} | ')
     return (f'step {step:>{len(str(self.total))}}/{self.total} | '
-            f'loss {m["loss"]:.4f} | ppl {np.exp(min(m["loss"], 50)):8.2f} | '
+            f'loss {m["loss"]:.4f} | {middle}'
             f'{thr.tokens_per_sec():7,.0f} tok/s | MFU {100 * thr.mfu():4.1f}% | '
             f'lr {m["lr"]:.2e} | ETA {eta_s}')
 
@@ -148,25 +158,84 @@ class ProgressLine:
 
 
 class TensorBoard:
-  """Scalars to ``<workdir>/tb``; a no-op on every process but 0."""
+  """Scalars to ``<workdir>/tb``; a no-op on every process but 0.
+
+  Events are written with the ``tensorboard`` package's record writer, not
+  ``tf.summary``: a training process then never imports TensorFlow, which
+  cost seconds at start-up and again at exit. The files are what
+  ``tf.summary.scalar`` writes (tensor summaries of the scalars plugin).
+  """
+
+  FLUSH_SECONDS = 10.0  # At most this much of the curve is lost to kill -9.
 
   def __init__(self, logdir: str):
-    self._writer = None
-    if jax.process_index() == 0:
-      from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._writer = tf.summary.create_file_writer(logdir)
+    self._file = self._records = None
+    if jax.process_index() != 0:
+      return
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    from tensorboard.plugins.scalar import summary_v2  # pylint: disable=g-import-not-at-top
+    from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+    self._event, self._scalar = event_pb2.Event, summary_v2.scalar_pb
+    path = epath.Path(logdir)
+    path.mkdir(parents=True, exist_ok=True)
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2'
+    self._file = (path / name).open('wb')
+    self._records = record_writer.RecordWriter(self._file)
+    self._write(self._event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._flushed = time.monotonic()
+
+  def _write(self, event) -> None:
+    self._records.write(event.SerializeToString())
 
   def scalars(self, step: int, values: dict) -> None:
-    if self._writer is None:
+    if self._records is None:
       return
-    with self._writer.as_default(step=step):
-      for name, value in values.items():
-        self._tf.summary.scalar(name, float(value))
+    now = time.time()
+    for name, value in values.items():
+      self._write(self._event(wall_time=now, step=int(step),
+                              summary=self._scalar(name, float(value))))
+    if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+      self.flush()
 
   def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
+    if self._records is not None:
+      self._records.flush()
+      self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    if self._records is not None:
+      self._records.close()
+      self._file = self._records = None
+
+
+def last_logged_step(logdir: str) -> int:
+  """The highest step of any summary in ``logdir``'s event files (0 if none).
+
+  Reads the records directly (no TensorFlow); a record cut short by a
+  killed writer ends that file's reading.
+  """
+  import struct  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  root, last = epath.Path(logdir), 0
+  if not root.is_dir():
+    return 0
+  for path in root.glob('events.out.tfevents.*'):
+    data, at = path.read_bytes(), 0
+    while at + 12 <= len(data):
+      (length,) = struct.unpack_from('<Q', data, at)
+      record = data[at + 12:at + 12 + length]
+      if len(record) < length:
+        break
+      at += 12 + length + 4
+      try:
+        event = event_pb2.Event.FromString(record)
+      except Exception:  # pylint: disable=broad-except
+        break  # A torn record.
+      if event.HasField('summary'):
+        last = max(last, event.step)
+  return last
 
 
 def say(message: str) -> None:

@@ -1,6 +1,6 @@
 """The Optax chain from config: AdamW, warmup + cosine schedule, clipping, decay mask.
 
-Gradient accumulation is not here: ``trainer.train_step`` sums micro-batch
+Gradient accumulation is not here: ``steps.train_step`` sums micro-batch
 gradients itself, so one call of the step is always one optimizer update and
 ``state.step`` counts updates.
 """

@@ -168,8 +168,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state,
                         params_shardings, mesh: Mesh):
   """Optimizer moments shard like their parameters; counters are replicated."""
   replicated = NamedSharding(mesh, P())
+  # A params-shaped state may hold a scalar in place of a parameter (the keep
+  # masks of training/sparsity.py do, for parameters that are never pruned).
   return optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt_state, params_shardings,
+      tx, lambda v, s: s if getattr(v, 'ndim', 1) else replicated,
+      abstract_opt_state, params_shardings,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
 

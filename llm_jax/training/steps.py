@@ -26,26 +26,47 @@ class TrainState:
   params: Any  # Pure dict of float32 arrays (the model's nnx.Param values).
   opt_state: Any  # Optax state; moments shaped and sharded like params.
   rng: jax.Array  # PRNG key data, for anything stochastic in training.
+  # The frozen reference of DPO and GRPO (their starting parameters, sharded
+  # like params), or None: other objectives, and LoRA runs, whose reference
+  # is the base itself (adapters off, ``reference_params``).
+  ref_params: Any = None
 
 
-def _loss_fn(params, batch, graphdef, loss_chunk: int = 0):
+def reference_params(params, ref_params):
+  """The reference model's parameters, outside the gradient.
+
+  A frozen copy when the state holds one; else ``params`` with every LoRA
+  adapter switched off (``lora_b`` zero): the base model, at no memory cost.
+  """
+  return jax.lax.stop_gradient(lora.adapters_off(params) if ref_params is None
+                               else ref_params)
+
+
+def _loss_fn(params, ref_params, batch, graphdef, objective):
   # With LoRA adapters, no gradient flows to the frozen weights.
   model = nnx.merge(graphdef, lora.freeze_base(params))
-  loss_sum, count, _ = objectives.model_loss(model, batch, loss_chunk=loss_chunk)
-  # A micro-batch of only prompt tokens has loss 0 (its sum), not NaN.
-  return loss_sum / jnp.where(count > 0, count, 1.0), loss_sum
+  ref_model = (nnx.merge(graphdef, reference_params(params, ref_params))
+               if objective.needs_reference else None)
+  return objective.loss(model, ref_model, batch)
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
-               accum_steps: int, loss_chunk: int = 0) -> tuple[TrainState, dict]:
-  """One optimizer update on a global batch, accumulating micro-batch grads."""
+               accum_steps: int, loss_chunk: int = 0,
+               objective=None) -> tuple[TrainState, dict]:
+  """One optimizer update on a global batch, accumulating micro-batch grads.
+
+  ``objective`` (``llm_jax/training/objectives.py``, chosen by
+  ``config.objective``) gives the loss and its metrics; None is the token
+  cross-entropy with ``loss_chunk``.
+  """
   # The batch contract at the step's door: every key [B, T] (checked at trace time).
   chex.assert_rank(batch['inputs'], 2)
   chex.assert_equal_shape(list(batch.values()))
+  objective = objective or objectives.LanguageModel(loss_chunk=loss_chunk)
   grad_fn = jax.value_and_grad(
-      functools.partial(_loss_fn, loss_chunk=loss_chunk), has_aux=True)
+      functools.partial(_loss_fn, graphdef=graphdef, objective=objective), has_aux=True)
   if accum_steps == 1:
-    (loss, _), grads = grad_fn(state.params, batch, graphdef)
+    (loss, extra), grads = grad_fn(state.params, state.ref_params, batch)
   else:
     # Micro-batch i takes rows i, i+A, i+2A, ...: every device keeps its own
     # rows, so no data moves between devices to form the micro-batches.
@@ -53,15 +74,15 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
         lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(grads_sum, mb):
-      (loss_mb, _), g = grad_fn(state.params, mb, graphdef)
-      return jax.tree.map(jnp.add, grads_sum, g), loss_mb
+      (loss_mb, extra_mb), g = grad_fn(state.params, state.ref_params, mb)
+      return jax.tree.map(jnp.add, grads_sum, g), (loss_mb, extra_mb)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, losses = jax.lax.scan(accumulate, zeros, micro)
+    grads, (losses, extras) = jax.lax.scan(accumulate, zeros, micro)
     # Equal-sized micro-batches: the mean of their means is the batch mean
     # (with loss weights, as in SFT, it weights each micro-batch equally).
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
-    loss = losses.mean()
+    loss, extra = losses.mean(), jax.tree.map(jnp.mean, extras)
   # With weights (masked LM) micro-batches hold about, not exactly, the same
   # weight, so the mean of their means is the batch mean only to that extent.
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -76,7 +97,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
       step=state.step + 1, params=keep_if_finite(params, state.params),
       opt_state=keep_if_finite(opt_state, state.opt_state))
   return new_state, {'loss': loss, 'grad_norm': grad_norm,
-                     'lr': schedule(state.step), 'finite': finite}
+                     'lr': schedule(state.step), 'finite': finite, **extra}
 
 
 def eval_step(params, batch: Batch, *, graphdef, loss_chunk: int = 0) -> dict:
@@ -93,3 +114,15 @@ def eval_step(params, batch: Batch, *, graphdef, loss_chunk: int = 0) -> dict:
     return {'loss_sum': loss_sum, 'count': count, 'correct': jnp.zeros((), jnp.float32)}
   return {'loss_sum': loss_sum, 'count': count,
           'correct': objectives.correct(outputs, batch)}
+
+
+def pair_eval_step(params, ref_params, batch: Batch, *, graphdef, objective) -> dict:
+  """Sums of a preference objective over the real pairs of ``batch``.
+
+  ``count`` pairs, ``loss_sum``, ``correct`` (chosen reward above rejected),
+  ``margin_sum``, ``chosen_sum``, ``rejected_sum`` (and ORPO's NLL sums).
+  """
+  model = nnx.merge(graphdef, params)
+  ref_model = (nnx.merge(graphdef, reference_params(params, ref_params))
+               if objective.needs_reference else None)
+  return objective.evaluate(model, ref_model, batch)

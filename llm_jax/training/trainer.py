@@ -21,11 +21,11 @@ import optax
 
 from llm_jax.core.errors import UserError
 from llm_jax.inference import decode
-from llm_jax.model import lora
+from llm_jax.model import heads, lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.model.transformer import ModelConfig, Transformer
-from llm_jax.training import optim, sharding
-from llm_jax.training.steps import TrainState, eval_step, train_step
+from llm_jax.training import objectives, optim, sharding, sparsity
+from llm_jax.training.steps import TrainState, eval_step, pair_eval_step, train_step
 
 
 @dataclasses.dataclass
@@ -42,6 +42,7 @@ class Trainer:
   init_fn: Any
   step_fn: Any
   eval_fn: Any
+  objective: Any = None  # llm_jax/training/objectives.py, from config.objective.
 
   @classmethod
   def build(cls, config, vocab_size: int, mesh) -> 'Trainer':
@@ -49,17 +50,19 @@ class Trainer:
         config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
     _check_train_config(config, mesh)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-    tx = optim.make_optimizer(config.optim, config.train.steps)
-    if lora.enabled(config):  # Only the adapters are trained (and have state).
-      tx = lora.optimizer(tx)
+    tx = make_tx(config)
     rules = config.mesh.rules
+    objective = objectives.from_config(config)
+    # A frozen reference copy, unless LoRA's base serves (adapters off).
+    frozen_copy = objective.needs_reference and not lora.enabled(config)
 
     def init_fn():
       model = _make_model(config, model_cfg, config.seed)
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                         opt_state=tx.init(params),
-                        rng=jax.random.key_data(jax.random.key(config.seed)))
+                        rng=jax.random.key_data(jax.random.key(config.seed)),
+                        ref_params=jax.tree.map(jnp.copy, params) if frozen_copy else None)
 
     # Shapes first (no memory), then shardings from the parameters' logical
     # axes, then init directly into those shardings: no device ever holds a
@@ -75,20 +78,28 @@ class Trainer:
         step=rep, params=p_shard, rng=rep,
         opt_state=(lora.opt_state_shardings(abstract.opt_state, p_shard, mesh)
                    if lora.enabled(config) else
-                   sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh)))
+                   sharding.opt_state_shardings(tx, abstract.opt_state, p_shard, mesh)),
+        ref_params=p_shard if frozen_copy else None)
     batch_shard = sharding.batch_sharding(mesh, rules)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              accum_steps=config.optim.grad_accum_steps,
-                             loss_chunk=config.train.loss_chunk)
+                             objective=objective)
+    if objective.is_pairwise:  # Reference (or None) beside the parameters.
+      eval_fn = jax.jit(functools.partial(pair_eval_step, graphdef=graphdef,
+                                          objective=objective),
+                        in_shardings=(p_shard, state_shardings.ref_params, batch_shard),
+                        out_shardings=rep)
+    else:
+      eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                          loss_chunk=config.train.loss_chunk),
+                        in_shardings=(p_shard, batch_shard), out_shardings=rep)
     return cls(
         config=config, model_cfg=model_cfg, mesh=mesh, graphdef=graphdef, tx=tx,
         schedule=schedule, state_shardings=state_shardings, batch_sharding=batch_shard,
         init_fn=jax.jit(init_fn, out_shardings=state_shardings),
         step_fn=jax.jit(step, in_shardings=(state_shardings, batch_shard),
                         out_shardings=(state_shardings, rep), donate_argnums=0),
-        eval_fn=jax.jit(functools.partial(eval_step, graphdef=graphdef,
-                                          loss_chunk=config.train.loss_chunk),
-                        in_shardings=(p_shard, batch_shard), out_shardings=rep))
+        eval_fn=eval_fn, objective=objective)
 
   def unrolled(self, params) -> tuple[ModelConfig, Any, Any]:
     """(model config, graphdef, params) of the same model layer by layer.
@@ -110,8 +121,17 @@ class Trainer:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         shapes, self.state_shardings)
 
-  def evaluate(self, params, batches: list[dict]) -> dict:
-    """Mean validation loss and perplexity over fixed batches."""
+  def evaluate(self, params, batches: list[dict], ref_params=None) -> dict:
+    """Mean validation loss and perplexity over fixed batches.
+
+    Preference objectives report their pair loss, reward accuracy (chosen
+    above rejected) and mean margin instead of a perplexity; GRPO has no
+    batches here (its held-out reward is ``io.extra_eval``).
+    """
+    if self.objective is not None and self.objective.is_pairwise:
+      return pair_metrics([self.eval_fn(params, ref_params, b) for b in batches])
+    if not batches:
+      return {}
     totals = [self.eval_fn(params, b) for b in batches]
     loss_sum = sum(float(t['loss_sum']) for t in totals)
     count = sum(float(t['count']) for t in totals)
@@ -123,21 +143,100 @@ class Trainer:
     return out
 
 
+def make_tx(config) -> optax.GradientTransformation:
+  """The run's optimizer: ``config.optim``'s, on adapters only with LoRA,
+  holding pruned weights at zero with ``prune.keep_zeros``."""
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  if lora.enabled(config):  # Only the adapters are trained (and have state).
+    tx = lora.optimizer(tx)
+  if sparsity.keeps_zeros(config):
+    tx = sparsity.keep_zeros(tx)
+  return tx
+
+
+def pair_metrics(totals: list[dict]) -> dict:
+  """``val_*`` means of ``pair_eval_step`` sums over several batches."""
+  total = {k: sum(float(t[k]) for t in totals) for k in totals[0]}
+  n = max(total['count'], 1.0)
+  out = {'val_loss': total['loss_sum'] / n, 'val_accuracy': total['correct'] / n,
+         'val_margin': total['margin_sum'] / n, 'val_chosen_reward': total['chosen_sum'] / n,
+         'val_rejected_reward': total['rejected_sum'] / n, 'val_pairs': total['count']}
+  if 'nll_sum' in total:  # ORPO: its loss is the odds-ratio term plus this NLL.
+    out['val_nll'] = total['nll_sum'] / max(total['nll_count'], 1.0)
+    out['val_loss'] += out['val_nll']
+  return out
+
+
 def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
-  """The Transformer, with LoRA adapters where ``config.lora`` asks for them."""
-  model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
+  """The model ``config.objective`` trains (a Transformer, or one with a head),
+  with LoRA adapters where ``config.lora`` asks for them."""
+  model = heads.model_class(objectives.objective_of(config))(model_cfg, rngs=nnx.Rngs(seed))
   return lora.apply(model, config.lora, seed) if lora.enabled(config) else model
+
+
+# Keys whose values have a floor, with what the value means (for the message).
+_AT_LEAST = (
+    ('train.steps', 1, 'optimizer updates in the whole run'),
+    ('train.batch_size', 1, 'sequences per step'),
+    ('train.log_every', 1, 'steps between progress lines'),
+    ('train.eval_every', 0, 'steps between evals; 0: at the end only'),
+    ('train.eval_batches', 1, 'batches per eval'),
+    ('train.stop_at', 0, 'the step to stop after; 0: off'),
+    ('train.max_nan_skips', 0, 'skipped updates in a row before halting'),
+    ('train.num_samples', 0, 'samples printed at the end'),
+    ('train.loss_chunk', 0, 'positions per loss chunk; 0: all at once'),
+    ('optim.warmup_steps', 0, 'steps of linear warmup'),
+    ('optim.grad_accum_steps', 1, 'micro-batches per update'),
+    ('checkpoint.every', 0, 'steps between saves; 0: only the last step'),
+    ('checkpoint.keep', 1, 'checkpoints kept'),
+    ('checkpoint.keep_every', 0, "every N-th step's checkpoint kept forever; 0: off"),
+    ('data.seq_len', 1, 'tokens per training window'),
+    ('data.max_documents', 0, 'documents read; 0: all'),
+    ('data.num_threads', 1, 'tokenizer threads'),
+)
+
+
+def check_config(config) -> None:
+  """Refuses values that cannot work, before a run creates or reads anything.
+
+  What needs the data (the vocabulary) or the devices (the mesh) is checked
+  later, in ``Trainer.build``; this catches the rest at once, naming the key.
+
+  Raises:
+    UserError: naming the first bad key, its value and what it must be.
+  """
+  for key, low, meaning in _AT_LEAST:
+    section, name = key.split('.')
+    value = config[section][name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise UserError(f'{key}={value!r} must be an integer of at least {low} '
+                      f'({meaning}). Set --config.{key}=...')
+  if not 0 < config.data.val_fraction < 1:
+    raise UserError(f'data.val_fraction={config.data.val_fraction!r} must be between '
+                    '0 and 1 (the share of documents held out for validation).')
+  optim.learning_rate_schedule(config.optim, config.train.steps)
+  # The model's keys, with the configured vocabulary size standing in for the
+  # tokenizer's (Trainer.build checks again with the real one).
+  ModelConfig.from_config(config.model, vocab_size=max(config.tokenizer.vocab_size, 1),
+                          max_len=config.data.seq_len)
+  _check_train_config(config, mesh=None)
 
 
 def _check_train_config(config, mesh) -> None:
   """Refuses train settings that cannot work, before anything is compiled."""
+  if sparsity.keeps_zeros(config) and lora.enabled(config):
+    raise UserError('prune.keep_zeros and LoRA (lora.rank > 0) do not go together: '
+                    'LoRA leaves the pruned kernels frozen anyway, and merging its '
+                    'adapters would fill them in. Turn one off.')
   if config.train.nan_policy not in ('halt', 'skip'):
     raise UserError(f"train.nan_policy={config.train.nan_policy!r}: use 'halt' or 'skip'.")
   batch, accum = config.train.batch_size, config.optim.grad_accum_steps
-  ways = sharding.batch_divisor(mesh, config.mesh.rules)
   if accum < 1 or batch % accum:
     raise UserError(f'train.batch_size={batch} must be a multiple of '
                     f'optim.grad_accum_steps={accum} (and that at least 1).')
+  if mesh is None:
+    return
+  ways = sharding.batch_divisor(mesh, config.mesh.rules)
   if (batch // accum) % ways:
     raise UserError(
         f'Each micro-batch ({batch // accum} sequences) must split evenly over '
@@ -167,7 +266,8 @@ def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str,
   """(prompt, greedy continuation, sampled continuation) for each prompt."""
   prompts = [p for p in config.train.sample_prompts.split('|') if p]
   prompts = prompts[:config.train.num_samples]
-  if not prompts or not trainer.model_cfg.causal:  # An encoder does not continue text.
+  if (not prompts or not trainer.model_cfg.causal  # An encoder does not continue text,
+      or objectives.objective_of(config) == 'reward'):  # and a reward model scores it.
     return []
   ids = [tokenizer.encode(p) for p in prompts]
   out = []

@@ -1,0 +1,1 @@
+"""Compression of trained runs: magnitude pruning (masks) and structured pruning."""

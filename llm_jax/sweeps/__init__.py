@@ -1,0 +1,1 @@
+"""Hyper-parameter sweeps on Optuna: the search space, the study, its workers and report."""
