@@ -285,25 +285,32 @@ def test_qa_beats_trivial_baselines(qa_run):
   assert got.text == 'oslo' and 'bruno eats fish soup. alice lives in oslo.'[got.start:got.end] == 'oslo'
 
 
-@pytest.mark.slow  # About 1 minute beside the shared fine-tuning.
-def test_qa_savedmodel_answers_as_jax_does(qa_run, tmp_path):
-  """TF (the answer signature: WordPiece and windows in the graph) gives JAX's spans."""
-  from llm_jax.core import tfhost  # pylint: disable=g-import-not-at-top
-  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
+@pytest.fixture(scope='module')
+def qa_export(qa_run, tmp_path_factory):
+  """(export dir, info, (question, context) pairs) of the fine-tuned QA run."""
   from llm_jax.deploy import saved_model  # pylint: disable=g-import-not-at-top
   run, _, triples = qa_run
-  info = saved_model.export(run.workdir, str(tmp_path / 'export'), platforms=('cpu',),
-                            log=lambda *_: None)
-  assert info['signatures'] == ['answer', 'answer_ids']
-  assert sorted(os.listdir(tmp_path / 'export' / 'assets')) == ['tokenizer.json',
-                                                                'tokenizer_config.json']
+  out = tmp_path_factory.mktemp('qa_export') / 'export'
+  info = saved_model.export(run.workdir, str(out), platforms=('cpu',), log=lambda *_: None)
   # Validation questions, and long contexts (several windows, non-ASCII text).
   pairs = [(q, c) for c, q, *_ in triples[:12]]
   long_context = ' '.join(c for c, *_ in triples[12:16]) + ' Zoë lives in Malmö.'
   pairs += [(q, long_context) for _, q, *_ in triples[12:16]]
   pairs.append(('Where does Zoë live?', long_context))
+  return out, info, pairs
+
+
+@pytest.mark.slow  # About 1 minute beside the shared fine-tuning.
+def test_qa_savedmodel_answers_as_jax_does(qa_run, qa_export):
+  """TF (the answer signature: WordPiece and windows in the graph) gives JAX's spans."""
+  from llm_jax.core import tfhost  # pylint: disable=g-import-not-at-top
+  from llm_jax.core.tfhost import tf  # pylint: disable=g-import-not-at-top
+  run = qa_run[0]
+  out, info, pairs = qa_export
+  assert info['signatures'] == ['answer', 'answer_ids']
+  assert sorted(os.listdir(out / 'assets')) == ['tokenizer.json', 'tokenizer_config.json']
   tfhost.import_text()
-  answer = tf.saved_model.load(str(tmp_path / 'export')).signatures['answer']
+  answer = tf.saved_model.load(str(out)).signatures['answer']
   got = answer(question=tf.constant([q for q, _ in pairs]),
                context=tf.constant([c for _, c in pairs]))
   for i, (q, c) in enumerate(pairs):
@@ -312,6 +319,32 @@ def test_qa_savedmodel_answers_as_jax_does(qa_run, tmp_path):
     assert (got['start'].numpy()[i], got['end'].numpy()[i]) == (ours.start, ours.end)
     assert abs(got['score'].numpy()[i] - ours.score) < 1e-3
   assert sum(bool(a) for a in got['answer'].numpy()) >= 10
+
+
+@pytest.mark.slow  # Seconds once the Go build and the export exist.
+def test_go_client_answers_as_jax_does(qa_run, qa_export, go_build):
+  """llmjax-generate -task qa: the same answer text and character offsets as JAX."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  run = qa_run[0]
+  out, _, pairs = qa_export
+  argv = [os.path.join(go_build['bin'], 'llmjax-generate'), '-model', str(out), '-task', 'qa']
+  for q, c in pairs:
+    argv += ['-question', q, '-context', c]
+  proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert len(rows) == len(pairs)
+  for row, (q, c) in zip(rows, pairs):
+    ours = infer.answer(run, q, c)
+    assert (row['answer'], row['start'], row['end']) == (ours.text, ours.start, ours.end), q
+    assert abs(row['score'] - ours.score) < 1e-3
+    if row['answer']:
+      assert c[row['start']:row['end']] == row['answer']
+  # Bad use: exit 2 with one error line (after TensorFlow's own start-up lines).
+  bad = subprocess.run(argv[:5] + ['-question', 'who?'], capture_output=True, text=True,
+                       timeout=60)
+  errors = [line for line in bad.stderr.splitlines() if line.startswith('error:')]
+  assert bad.returncode == 2 and len(errors) == 1 and '-context' in errors[0], bad.stderr
 
 
 def _random_task_run(tmp_path, head: str, kind: str):

@@ -216,8 +216,12 @@ def check_config(config) -> None:
                     '0 and 1 (the share of documents held out for validation).')
   optim.learning_rate_schedule(config.optim, config.train.steps)
   # The model's keys, with the configured vocabulary size standing in for the
-  # tokenizer's (Trainer.build checks again with the real one).
-  ModelConfig.from_config(config.model, vocab_size=max(config.tokenizer.vocab_size, 1),
+  # tokenizer's and one label for a classifier's label set, which the task
+  # data gives later (Trainer.build checks again with the real ones).
+  model = config.model.copy_and_resolve_references()
+  if model.head == 'classification':
+    model.num_labels = max(model.num_labels, 1)
+  ModelConfig.from_config(model, vocab_size=max(config.tokenizer.vocab_size, 1),
                           max_len=config.data.seq_len)
   _check_train_config(config, mesh=None)
 

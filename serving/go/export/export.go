@@ -58,6 +58,8 @@ type Info struct {
 	TopLogprobs   int                  `json:"top_logprobs"`
 	EOSID         int                  `json:"eos_id"`
 	ChatTemplate  string               `json:"chat_template"`
+	Head          string               `json:"head"`   // An encoder task export: "qa" or "classification".
+	Labels        []string             `json:"labels"` // A classifier's label names, in id order.
 }
 
 // CheckStepwise says what is missing for step-by-step generation (the HTTP
@@ -109,13 +111,24 @@ func Parse(data []byte, where string) (*Info, error) {
 			return nil, fmt.Errorf("%s: signature %q lists no inputs or no outputs", where, name)
 		}
 	}
-	if info.MaxNewTokens < 1 || info.MaxLen < 2 {
+	// A decoder's export generates; an encoder's task export (Head set) does not.
+	if info.Head == "" && (info.MaxNewTokens < 1 || info.MaxLen < 2) {
 		return nil, fmt.Errorf("%s: max_new_tokens (%d) and max_len (%d) must be positive",
 			where, info.MaxNewTokens, info.MaxLen)
 	}
 	sort.Ints(info.BatchBuckets)
 	sort.Ints(info.PromptBuckets)
 	return &info, nil
+}
+
+// SignatureNames lists the export's signatures, sorted.
+func (i *Info) SignatureNames() []string {
+	names := make([]string, 0, len(i.Signatures))
+	for name := range i.Signatures {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	return names
 }
 
 // Has reports whether the export has the named signature.

@@ -5,12 +5,18 @@
 //
 //	bin/llmjax-generate -model RUN/export/1 -ids 5,17,9 -ids 12 -max_new_tokens 16
 //	bin/llmjax-generate -model RUN/export/1 -text 'def main(' -temperature 0.8 -seed 1
+//	bin/llmjax-generate -model QA_RUN/export/1 -task qa -question 'Who?' -context 'Ann did.'
+//	bin/llmjax-generate -model CLS_RUN/export/1 -task classify -text 'a fine film'
 //
 // Token-id prompts run the "serving_default" signature (left-padded to the
 // export's prompt bucket, as llm_jax.generate pads them); text prompts run
 // "generate_text", whose SentencePiece ops live in tensorflow-text's
 // _sentencepiece_tokenizer.so (loaded with TF_LoadLibrary; build.sh bakes in
-// its path). One JSON object per prompt is printed on stdout.
+// its path). An encoder's task export (-task) runs "answer" (question and
+// context -> answer text, score and character offsets) or "classify" (text,
+// and -text_pair for a pair task -> label and probabilities); its WordPiece
+// ops come from the tensorflow-text libraries beside the SentencePiece one.
+// One JSON object per prompt is printed on stdout.
 //
 // Exit status: 0 on success, 2 for bad flags, 1 when loading or running the
 // model fails (a request the model refuses included), with one line on stderr.
@@ -23,6 +29,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"llmjax/serving/export"
@@ -46,7 +53,15 @@ type options struct {
 	topP        float64
 	seed        int
 	spLib       string
+	task        string
+	questions   []string
+	contexts    []string
+	textPairs   []string
 }
+
+// The op libraries of tensorflow-text a task export's tokenizer may need
+// (BERT WordPiece), looked for beside -sentencepiece_lib.
+var wordpieceLibs = []string{"_fast_bert_normalizer.so", "_fast_wordpiece_tokenizer.so"}
 
 // usageError is bad flags (exit 2); every other error exits 1.
 type usageError struct{ msg string }
@@ -64,10 +79,14 @@ type result struct {
 
 func main() {
 	var o options
-	var ids, texts multiFlag
+	var ids, texts, questions, contexts, pairs multiFlag
 	flag.StringVar(&o.model, "model", "", "SavedModel directory (an llm_jax export)")
 	flag.Var(&ids, "ids", "a prompt as comma-separated token ids (repeatable)")
-	flag.Var(&texts, "text", "a text prompt (repeatable)")
+	flag.Var(&texts, "text", "a text prompt, or with -task classify a text to label (repeatable)")
+	flag.StringVar(&o.task, "task", "", "an encoder task export's signature: qa or classify (empty: generate)")
+	flag.Var(&questions, "question", "-task qa: a question (repeatable, one per -context)")
+	flag.Var(&contexts, "context", "-task qa: the text the answer is in (repeatable)")
+	flag.Var(&pairs, "text_pair", "-task classify: the second text of a pair task (one per -text)")
 	flag.IntVar(&o.maxNew, "max_new_tokens", 16, "new tokens per prompt at most")
 	flag.Float64Var(&o.temperature, "temperature", 0, "sampling temperature; 0 is greedy")
 	flag.IntVar(&o.topK, "top_k", 0, "sample among the k likeliest; 0: all")
@@ -77,7 +96,7 @@ func main() {
 		"tensorflow-text's _sentencepiece_tokenizer.so (empty: not loaded; only "+
 			"exports made with --notext_signature load without it)")
 	flag.Parse()
-	o.ids, o.texts = ids, texts
+	o.ids, o.texts, o.questions, o.contexts, o.textPairs = ids, texts, questions, contexts, pairs
 	if err := run(o, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "error: "+err.Error())
 		var u usageError
@@ -89,6 +108,9 @@ func main() {
 }
 
 func run(o options, stdout io.Writer) error {
+	if o.task != "" {
+		return runTask(o, stdout)
+	}
 	if o.model == "" || (len(o.ids) == 0 && len(o.texts) == 0) {
 		return usageError{"pass -model DIR and at least one -ids or -text prompt"}
 	}
@@ -219,4 +241,122 @@ func ints(v []int32) []int {
 		out[i] = int(x)
 	}
 	return out
+}
+
+type answerResult struct {
+	Question string  `json:"question"`
+	Answer   string  `json:"answer"`
+	Score    float32 `json:"score"`
+	Start    int     `json:"start"`
+	End      int     `json:"end"`
+}
+
+type classifyResult struct {
+	Text          string    `json:"text"`
+	TextPair      string    `json:"text_pair,omitempty"`
+	Label         string    `json:"label"`
+	LabelID       int       `json:"label_id"`
+	Probabilities []float32 `json:"probabilities"`
+}
+
+// runTask answers questions (-task qa) or labels texts (-task classify).
+func runTask(o options, stdout io.Writer) error {
+	switch {
+	case o.model == "":
+		return usageError{"pass -model DIR (an encoder task export)"}
+	case o.task == "qa" && (len(o.questions) == 0 || len(o.questions) != len(o.contexts)):
+		return usageError{"-task qa needs -question and -context, one -context per -question"}
+	case o.task == "classify" && (len(o.texts) == 0 || (len(o.textPairs) > 0 && len(o.textPairs) != len(o.texts))):
+		return usageError{"-task classify needs -text (and one -text_pair per -text for a pair task)"}
+	case o.task != "qa" && o.task != "classify":
+		return usageError{fmt.Sprintf("-task %q: use qa or classify", o.task)}
+	}
+	if o.spLib == "" {
+		return usageError{"-task needs -sentencepiece_lib (tensorflow-text's _sentencepiece_tokenizer.so; its WordPiece libraries are found beside it)"}
+	}
+	libs := []string{o.spLib}
+	for _, name := range wordpieceLibs {
+		if p := filepath.Join(filepath.Dir(o.spLib), name); fileExists(p) {
+			libs = append(libs, p)
+		}
+	}
+	for _, lib := range libs {
+		if err := tfmodel.LoadLibrary(lib); err != nil {
+			return err
+		}
+	}
+	info, err := export.Read(o.model)
+	if err != nil {
+		return err
+	}
+	sig := map[string]string{"qa": "answer", "classify": "classify"}[o.task]
+	if _, ok := info.Signatures[sig]; !ok {
+		return fmt.Errorf("%s has no %q signature (it has %s): -task %s needs an export of a "+
+			"model.head=%s run whose tokenizer runs in the graph (a byte-level BPE export has "+
+			"only %s_ids)", o.model, sig, strings.Join(info.SignatureNames(), ", "), o.task,
+			map[string]string{"qa": "qa", "classify": "classification"}[o.task], sig)
+	}
+	m, err := load(o.model, info)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	enc := json.NewEncoder(stdout)
+	if o.task == "qa" {
+		return answer(m, o, enc)
+	}
+	return classify(m, o, enc)
+}
+
+func answer(m *tfmodel.Model, o options, enc *json.Encoder) error {
+	feeds := map[string]*tfmodel.Tensor{"question": tfmodel.NewStrings(o.questions),
+		"context": tfmodel.NewStrings(o.contexts)}
+	defer closeAll(feeds)
+	out, err := m.Run("answer", feeds, []string{"answer", "score", "start", "end"})
+	if err != nil {
+		return err
+	}
+	for _, t := range out {
+		defer t.Close()
+	}
+	texts, scores, starts, ends := out[0].Strings(), out[1].Float32s(), out[2].Int32s(), out[3].Int32s()
+	for i, q := range o.questions {
+		if err := enc.Encode(answerResult{q, texts[i], scores[i], int(starts[i]), int(ends[i])}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func classify(m *tfmodel.Model, o options, enc *json.Encoder) error {
+	feeds := map[string]*tfmodel.Tensor{"text": tfmodel.NewStrings(o.texts)}
+	if len(o.textPairs) > 0 {
+		feeds["text_pair"] = tfmodel.NewStrings(o.textPairs)
+	}
+	defer closeAll(feeds)
+	out, err := m.Run("classify", feeds, []string{"label", "label_id", "probabilities"})
+	if err != nil {
+		return err
+	}
+	for _, t := range out {
+		defer t.Close()
+	}
+	labels, ids, probs := out[0].Strings(), out[1].Int32s(), out[2].Float32s()
+	n := len(probs) / len(o.texts)
+	for i, text := range o.texts {
+		r := classifyResult{Text: text, Label: labels[i], LabelID: int(ids[i]),
+			Probabilities: probs[i*n : (i+1)*n]}
+		if len(o.textPairs) > 0 {
+			r.TextPair = o.textPairs[i]
+		}
+		if err := enc.Encode(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }
