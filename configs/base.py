@@ -257,7 +257,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.num_samples = 3  # Samples printed at the end of the run.
   c.train.sample_tokens = 64  # New tokens per sample.
   c.train.sample_temperature = 0.8  # Temperature of the sampled continuation.
-  c.train.sample_prompts = 'import os\n|def main(|class '  # '|'-separated.
+  # '|'-separated; a '|' inside '<|' or '|>' (chat markers such as <|user|>)
+  # belongs to its prompt.
+  c.train.sample_prompts = 'import os\n|def main(|class '
   # A non-finite loss or gradient never reaches the weights. 'halt': stop at
   # once, naming the step (the last checkpoint is kept); 'skip': drop that
   # update, count it, and halt after train.max_nan_skips in a row.

@@ -146,3 +146,14 @@ def test_empty_responses_are_counted_left_out_and_refused_when_all(tmp_path, tin
                                        {'role': 'assistant', 'content': ''}]}) + '\n')
   with pytest.raises(UserError, match='All 20 examples .* have an empty response'):
     sft.prepare(config, log=lines.append)
+
+
+def test_sample_prompts_keep_chat_markers_whole():
+  """'|' separates prompts, but not inside <|user|>-style markers (configs/sft.py)."""
+  from llm_jax.core import configuration  # pylint: disable=g-import-not-at-top
+  from llm_jax.training.trainer import split_prompts  # pylint: disable=g-import-not-at-top
+  sft_prompt = configuration.load_preset('sft').train.sample_prompts
+  assert split_prompts(sft_prompt) == [sft_prompt]
+  assert split_prompts('import os\n|def main(|class ') == ['import os\n', 'def main(', 'class ']
+  assert split_prompts('<|user|>\nhi\n<|assistant|>\n|a||b') == [
+      '<|user|>\nhi\n<|assistant|>\n', 'a', 'b']

@@ -10,6 +10,7 @@ records besides arrays; ``sample_texts`` the end-of-run samples.
 import dataclasses
 import functools
 import json
+import re
 import time
 from typing import Any
 
@@ -266,10 +267,14 @@ def checkpoint_meta(config, data, step: int) -> dict:
   }
 
 
+def split_prompts(spec: str) -> list[str]:
+  """``train.sample_prompts`` as a list: split on '|', except inside ``<|`` and ``|>``."""
+  return [p for p in re.split(r'(?<!<)\|(?!>)', spec) if p]
+
+
 def sample_texts(trainer: Trainer, params, tokenizer, config) -> list[tuple[str, str, str]]:
   """(prompt, greedy continuation, sampled continuation) for each prompt."""
-  prompts = [p for p in config.train.sample_prompts.split('|') if p]
-  prompts = prompts[:config.train.num_samples]
+  prompts = split_prompts(config.train.sample_prompts)[:config.train.num_samples]
   if (not prompts or not trainer.model_cfg.causal  # An encoder does not continue text,
       or objectives.objective_of(config) == 'reward'):  # and a reward model scores it.
     return []
