@@ -1,0 +1,291 @@
+"""Dense 2-D matmuls on CPU through oneMKL (``config.model.cpu_matmul``).
+
+XLA:CPU's dot does not use the AMX tiles of recent Xeons, and its bf16 dot is
+no faster than its fp32 one; oneMKL's ``cblas_gemm_bf16bf16f32`` uses AMX and
+its ``cblas_sgemm`` matches PyTorch's (docs/performance.md, "Matmuls on CPU").
+``matmul`` runs ``x @ w`` through a ``jax.ffi`` custom call into oneMKL where
+that pays and falls back to ``jnp.dot`` everywhere else:
+
+* on TPU/GPU: the choice is made per platform when the step is lowered
+  (``jax.lax.platform_dependent``), so a GPU or TPU never sees the call;
+* when the library cannot be built (no compiler, no ``mkl``/``mkl-include``
+  wheels): one warning, then ``jnp.dot``, which gives the same numbers;
+* for dtypes other than float32/bfloat16.
+
+The C++ source (``csrc/cpu_matmul.cc``) is compiled on first use into a
+per-user cache directory keyed by a hash of the source, the compiler, jaxlib
+and MKL versions (``$LLM_JAX_CACHE`` or ``~/.cache/llm_jax``), under a file
+lock, and renamed into place whole.
+
+Gradients go through the same call (``dx = g @ w.T``, ``dw = x.T @ g``, with
+transposes passed as flags, not copies). Under ``jit`` on a device mesh each
+device multiplies its own shards (``custom_partitioning``): rows of ``x`` and
+columns of ``w`` stay split as they come; a split contracted axis (the batch
+rows in ``dw`` of a data-parallel step) is summed across devices with ``psum``.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llm_jax.core import files
+
+# config.model.cpu_matmul values: 'xla' (always jnp.dot), 'mkl' (the custom
+# call on CPU; a warning and jnp.dot if it cannot be built) or 'auto'.
+BACKENDS = ('auto', 'xla', 'mkl')
+_TARGET = 'llm_jax_cpu_matmul'
+_SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'cpu_matmul.cc')
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_CXXFLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC')
+
+
+def _cache_root() -> str:
+  root = os.environ.get('LLM_JAX_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'llm_jax')
+  return os.path.join(root, 'cpu_matmul')
+
+
+def _mkl_paths() -> tuple[str, str, str]:
+  """``(libmkl_rt path, include dir, version)`` from the pip wheels.
+
+  Raises:
+    RuntimeError: the ``mkl`` or ``mkl-include`` wheel is missing.
+  """
+  try:
+    lib = [f for f in importlib.metadata.files('mkl') or ()
+           if f.name.startswith('libmkl_rt.so')]
+    hdr = [f for f in importlib.metadata.files('mkl-include') or ()
+           if f.name == 'mkl.h']
+  except importlib.metadata.PackageNotFoundError as e:
+    raise RuntimeError(f'the {e.name} wheel is not installed') from e
+  if not lib or not hdr:
+    raise RuntimeError('the mkl wheels hold no libmkl_rt.so or mkl.h')
+  lib_path = str(min(lib, key=lambda f: len(f.name)).locate())
+  include = os.path.dirname(str(hdr[0].locate()))
+  return os.path.realpath(lib_path), include, importlib.metadata.version('mkl')
+
+
+def _compiler() -> str:
+  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not cxx:
+    raise RuntimeError('no C++ compiler (g++) on PATH')
+  return cxx
+
+
+def _build(cxx: str, mkl_lib: str, mkl_include: str, out: str) -> None:
+  """Compiles the custom call into ``out``, whole or not at all."""
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
+  os.close(fd)
+  cmd = [cxx, *_CXXFLAGS, '-I', jax.ffi.include_dir(), '-I', mkl_include, _SOURCE, mkl_lib,
+         f'-Wl,-rpath,{os.path.dirname(mkl_lib)}', '-o', tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+      raise RuntimeError(f'{cxx} failed: {proc.stderr.strip()[-400:]}')
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _library_path() -> str:
+  """The compiled library for this source, compiler, jaxlib and MKL (built once)."""
+  mkl_lib, mkl_include, mkl_version = _mkl_paths()
+  cxx = _compiler()
+  with open(_SOURCE, 'rb') as f:
+    source = f.read()
+  version = subprocess.run([cxx, '--version'], capture_output=True, text=True,
+                           check=False).stdout.split('\n')[0]
+  key = hashlib.sha256(b'\0'.join([
+      source, ' '.join(_CXXFLAGS).encode(), version.encode(), importlib.metadata.version('jaxlib').encode(),
+      mkl_version.encode(), mkl_lib.encode()])).hexdigest()[:16]
+  out = os.path.join(_cache_root(), key, 'cpu_matmul.so')
+  if not os.path.exists(out):
+    lock = files.FileLock(os.path.join(_cache_root(), key + '.lock'))
+    lock.acquire(note=f'pid {os.getpid()} building {out}')
+    try:
+      if not os.path.exists(out):  # Another process may have built it meanwhile.
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        _build(cxx, mkl_lib, mkl_include, out)
+    finally:
+      lock.release()
+  return out
+
+
+@functools.cache
+def available() -> bool:
+  """Builds and registers the custom call once; False (after one warning) if it cannot."""
+  try:
+    lib = ctypes.cdll.LoadLibrary(_library_path())
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LlmJaxCpuMatmul),
+                                platform='cpu')
+  except (OSError, RuntimeError, AttributeError) as e:
+    logging.warning('model.cpu_matmul: oneMKL matmul unavailable (%s); using '
+                    "XLA's dot (same results, slower on CPU).", e)
+    return False
+  return True
+
+
+# ---- The custom call and its partitioning over a device mesh.
+
+
+def _ffi(x, w, transpose_x: bool, transpose_w: bool) -> jax.Array:
+  """``op(x) @ op(w)`` in float32 through oneMKL, on this device's arrays."""
+  m = x.shape[-1] if transpose_x else x.shape[-2]
+  n = w.shape[-2] if transpose_w else w.shape[-1]
+  out = jax.ShapeDtypeStruct(x.shape[:-2] + (m, n), jnp.float32)
+  # 'broadcast_all': under vmap both operands get the batch axis, which the
+  # C++ side loops over.
+  call = jax.ffi.ffi_call(_TARGET, out, vmap_method='broadcast_all')
+  return call(x, w, transpose_x=transpose_x, transpose_w=transpose_w)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _plan(mesh, x_spec, w_spec, tx: bool, tw: bool):
+  """Mesh axes of (rows M, columns N, contracted K), pairwise disjoint.
+
+  M keeps x's split, N keeps w's split (minus axes M took), K keeps x's split
+  (minus both); w is resharded to match, which for FSDP all-gathers it.
+  """
+  x_spec = tuple(x_spec) + (None,) * (2 - len(x_spec))
+  w_spec = tuple(w_spec) + (None,) * (2 - len(w_spec))
+  m = _axes(x_spec[1] if tx else x_spec[0])
+  n = tuple(a for a in _axes(w_spec[0] if tw else w_spec[1]) if a not in m)
+  k = tuple(a for a in _axes(x_spec[0] if tx else x_spec[1])
+            if a not in m and a not in n)
+  del mesh
+  return m, n, k
+
+
+def _spec(axes: tuple[str, ...]):
+  return axes if len(axes) > 1 else (axes[0] if axes else None)
+
+
+def _shardings(mesh, m, n, k, tx: bool, tw: bool):
+  x = P(_spec(k), _spec(m)) if tx else P(_spec(m), _spec(k))
+  w = P(_spec(n), _spec(k)) if tw else P(_spec(k), _spec(n))
+  y = P(_spec(m), _spec(n))
+  return (NamedSharding(mesh, x), NamedSharding(mesh, w)), NamedSharding(mesh, y)
+
+
+def _specs_of(arg_shapes):
+  specs = []
+  for a in arg_shapes:
+    sharding = a.sharding
+    specs.append(sharding.spec if isinstance(sharding, NamedSharding) else P())
+  return specs
+
+
+def _infer(tx, tw, mesh, arg_shapes, result_shape):
+  del result_shape
+  m, n, k = _plan(mesh, *_specs_of(arg_shapes), tx, tw)
+  return _shardings(mesh, m, n, k, tx, tw)[1]
+
+
+def _partition(tx, tw, mesh, arg_shapes, result_shape):
+  del result_shape
+  m, n, k = _plan(mesh, *_specs_of(arg_shapes), tx, tw)
+  arg_shardings, out_sharding = _shardings(mesh, m, n, k, tx, tw)
+
+  def lower(x, w):
+    y = _ffi(x, w, tx, tw)
+    # A split contracted axis leaves partial sums on each device.
+    return jax.lax.psum(y, k) if k else y
+
+  return mesh, lower, out_sharding, arg_shardings
+
+
+def _rule(tx: bool, tw: bool) -> str:
+  x = 'k m' if tx else 'm k'
+  w = 'n k' if tw else 'k n'
+  return f'{x}, {w} -> m n'
+
+
+@functools.cache
+def _partitioned(tx: bool, tw: bool):
+  """The custom call for one transpose setting, partitioned per device."""
+  op = custom_partitioning(lambda x, w: _ffi(x, w, tx, tw))
+  op.def_partition(
+      partition=functools.partial(_partition, tx, tw),
+      infer_sharding_from_operands=functools.partial(_infer, tx, tw),
+      sharding_rule=_rule(tx, tw), reduction_factors=('k',))
+  return op
+
+
+# ---- The differentiable product.
+
+
+@jax.custom_vjp
+def _mkl_matmul(x, w):
+  return _partitioned(False, False)(x, w)
+
+
+def _fwd(x, w):
+  return _mkl_matmul(x, w), (x, w)
+
+
+def _bwd(res, g_MN):
+  x_MK, w_KN = res
+  # bf16 operands: the float32 cotangent is rounded to bf16 for the product
+  # (as torch.autocast does); where the layer's output was rounded to bf16
+  # anyway (every Dense but the LM head) this loses nothing.
+  g_MN = g_MN.astype(x_MK.dtype)
+  dx_MK = _partitioned(False, True)(g_MN, w_KN)
+  dw_KN = _partitioned(True, False)(x_MK, g_MN)
+  return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
+
+
+_mkl_matmul.defvjp(_fwd, _bwd)
+
+
+def use_mkl(backend: str, dtype) -> bool:
+  """Whether ``backend`` (a ``model.cpu_matmul`` value) runs ``dtype`` through oneMKL."""
+  if backend == 'xla' or jnp.dtype(dtype) not in _DTYPES:
+    return False
+  return available()
+
+
+def matmul(x_MK: jax.Array, w_KN: jax.Array, *, backend: str = 'xla',
+           preferred_element_type=None) -> jax.Array:
+  """``x_MK @ w_KN`` through oneMKL on CPU, ``jnp.dot`` elsewhere.
+
+  Args:
+    x_MK: ``[M, K]``, float32 or bfloat16.
+    w_KN: ``[K, N]``, the same dtype as ``x_MK``.
+    backend: ``config.model.cpu_matmul``: 'xla' is always ``jnp.dot``;
+      'mkl' and 'auto' use oneMKL when the devices are CPUs and it built.
+    preferred_element_type: the result dtype (default: the operands'); the
+      oneMKL path accumulates in float32 and rounds once to it.
+
+  Returns:
+    ``[M, N]`` in ``preferred_element_type``.
+  """
+  out_dtype = jnp.dtype(preferred_element_type or x_MK.dtype)
+
+  def xla(x, w):
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+  if (x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.dtype != w_KN.dtype
+      or not use_mkl(backend, x_MK.dtype)):
+    return xla(x_MK, w_KN)
+
+  def mkl(x, w):
+    return _mkl_matmul(x, w).astype(out_dtype)
+
+  return jax.lax.platform_dependent(x_MK, w_KN, cpu=mkl, default=xla)
