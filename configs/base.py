@@ -215,6 +215,11 @@ def get_config() -> ml_collections.ConfigDict:
   # attention through jax.nn.dot_product_attention, NVIDIA GPUs), 'splash'
   # (Pallas splash attention, TPUs) or 'auto' (the best the platform has).
   c.model.attention = 'xla'
+  # Dense matmuls (projections, MLP, LM head) on CPU: 'xla' (XLA's own dot),
+  # 'mkl' (a custom call into oneMKL: AMX for bf16; llm_jax/model/cpu_matmul.py,
+  # built on first use, XLA's dot if it cannot be) or 'auto' (mkl where it
+  # measured faster). GPUs and TPUs always use XLA's dot.
+  c.model.cpu_matmul = 'auto'
 
   # ---- Pruning (python -m llm_jax.prune; docs/compression.md).
   c.prune = ml_collections.ConfigDict()

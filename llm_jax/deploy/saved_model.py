@@ -61,6 +61,7 @@ The export is written to a temporary directory beside ``--out`` and renamed
 into place: a failed export leaves nothing that looks complete.
 """
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ from llm_jax.deploy import quantize as quantize_lib
 from llm_jax.deploy import task_export, warmup
 from llm_jax.deploy.warmup import TEXT_SIGNATURE
 from llm_jax.inference import decode
+from llm_jax.model import transformer as model_lib
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.training import objectives
 
@@ -357,6 +359,9 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   if bad:
     raise UserError(f'--platforms has {bad[0]!r}; choose from {", ".join(PLATFORMS)}.')
   run = workdir_lib.load(workdir, step)
+  # The oneMKL matmul is a custom call local to this machine: exports use XLA's dot.
+  run = dataclasses.replace(run, graphdef=model_lib.with_xla_matmuls(run.graphdef, run.params),
+                            model_cfg=dataclasses.replace(run.model_cfg, cpu_matmul='xla'))
   if objectives.objective_of(run.config) == 'reward':
     return _export_scorer(run, out, quantize=quantize, batch_buckets=batch_buckets,
                           platforms=platforms, overwrite=overwrite, guard=guard,

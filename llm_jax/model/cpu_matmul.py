@@ -145,8 +145,8 @@ def _ffi(x, w, transpose_x: bool, transpose_w: bool) -> jax.Array:
   m = x.shape[-1] if transpose_x else x.shape[-2]
   n = w.shape[-2] if transpose_w else w.shape[-1]
   out = jax.ShapeDtypeStruct(x.shape[:-2] + (m, n), jnp.float32)
-  # 'broadcast_all': under vmap both operands get the batch axis, which the
-  # C++ side loops over.
+  # 'broadcast_all': under vmap (of this call alone; the partitioned op
+  # batches through XLA) both operands get the batch axis the C++ loops over.
   call = jax.ffi.ffi_call(_TARGET, out, vmap_method='broadcast_all')
   return call(x, w, transpose_x=transpose_x, transpose_w=transpose_w)
 
@@ -217,6 +217,14 @@ def _rule(tx: bool, tw: bool) -> str:
   return f'{x}, {w} -> m n'
 
 
+def _batched_xla(tx: bool, tw: bool, axis_size, in_batched, x, w):
+  """Under ``vmap``: XLA's batched dot (custom_partitioning has no batching rule)."""
+  x = x if in_batched[0] else jnp.broadcast_to(x, (axis_size,) + x.shape)
+  w = w if in_batched[1] else jnp.broadcast_to(w, (axis_size,) + w.shape)
+  dims = (((1 if tx else 2,), (2 if tw else 1,)), ((0,), (0,)))
+  return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32), True
+
+
 @functools.cache
 def _partitioned(tx: bool, tw: bool):
   """The custom call for one transpose setting, partitioned per device."""
@@ -225,7 +233,9 @@ def _partitioned(tx: bool, tw: bool):
       partition=functools.partial(_partition, tx, tw),
       infer_sharding_from_operands=functools.partial(_infer, tx, tw),
       sharding_rule=_rule(tx, tw), reduction_factors=('k',))
-  return op
+  batchable = jax.custom_batching.custom_vmap(op)
+  batchable.def_vmap(functools.partial(_batched_xla, tx, tw))
+  return batchable
 
 
 # ---- The differentiable product.

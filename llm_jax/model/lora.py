@@ -43,8 +43,8 @@ class LoraDense(model_lib.Dense):
                rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
     # Not Dense.__init__: the base's own kernel and bias are kept as they are.
     self.kernel, self.bias = base.kernel, base.bias
-    self.num_in_axes, self.dtype, self.out_dtype = (
-        base.num_in_axes, base.dtype, base.out_dtype)
+    self.num_in_axes, self.dtype, self.out_dtype, self.cpu_matmul = (
+        base.num_in_axes, base.dtype, base.out_dtype, base.cpu_matmul)
     shape = base.kernel.shape
     in_shape, out_shape = shape[:base.num_in_axes], shape[base.num_in_axes:]
     names = tuple(base.kernel.get_metadata().get('out_sharding') or

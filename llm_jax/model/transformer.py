@@ -69,6 +69,7 @@ from flax import nnx
 
 from llm_jax.core.errors import UserError
 from llm_jax.model import attention
+from llm_jax.model import cpu_matmul
 
 NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned')
@@ -143,6 +144,8 @@ class ModelConfig:
   mlm_head: bool = False  # Dense + GELU + LayerNorm before the output, and its bias.
   head: str = 'lm'
   num_labels: int = 0  # Classes of a 'classification' head.
+  # Dense matmuls on CPU: 'xla', 'mkl' or 'auto' (llm_jax/model/cpu_matmul.py).
+  cpu_matmul: str = 'xla'
 
   def __post_init__(self):
     # Validating here, not only in from_config, keeps configs built directly
@@ -253,7 +256,7 @@ def _validate(cfg: ModelConfig) -> None:
                       ('remat', tuple(REMAT_POLICIES)),
                       ('attention', ATTENTION_BACKENDS),
                       ('norm_position', NORM_POSITIONS), ('gelu', GELUS),
-                      ('head', HEADS)):
+                      ('head', HEADS), ('cpu_matmul', cpu_matmul.BACKENDS)):
     value = getattr(cfg, name)
     if value not in valid:
       raise UserError(f'model.{name}={value!r} is not one of '
@@ -323,12 +326,13 @@ class Dense(nnx.Module):
     dtype: the compute dtype operands are cast to.
     rngs: the random streams; ``rngs.params()`` draws the kernel.
     out_dtype: the dtype of the result (default ``dtype``).
+    cpu_matmul: ``config.model.cpu_matmul``, how the product runs on CPU.
   """
 
   def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                names: tuple[str, ...], *, std: float, use_bias: bool,
                dtype: jnp.dtype, rngs: nnx.Rngs,
-               out_dtype: jnp.dtype | None = None):
+               out_dtype: jnp.dtype | None = None, cpu_matmul: str = 'xla'):
     self.kernel = _normal(rngs, in_shape + out_shape, std, names)
     # Assign once: flax 0.12 makes an attribute first set to None static and
     # then refuses an array in it.
@@ -337,6 +341,7 @@ class Dense(nnx.Module):
     self.num_in_axes = len(in_shape)
     self.dtype = dtype
     self.out_dtype = out_dtype or dtype
+    self.cpu_matmul = cpu_matmul
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Contracts the last ``num_in_axes`` axes of ``x`` with the kernel."""
@@ -346,9 +351,10 @@ class Dense(nnx.Module):
     lead_shape = x.shape[:x.ndim - self.num_in_axes]
     # A float32 result, rounded once after the bias: on XLA:CPU a bf16 x bf16
     # -> f32 dot then a cast made the step ~5% faster than a bf16 result.
-    y = jnp.dot(x.reshape(-1, math.prod(in_shape)),
-                kernel.reshape(math.prod(in_shape), -1),
-                preferred_element_type=jnp.float32)
+    y = cpu_matmul.matmul(x.reshape(-1, math.prod(in_shape)),
+                          kernel.reshape(math.prod(in_shape), -1),
+                          backend=self.cpu_matmul,
+                          preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].reshape(-1)
     return y.astype(self.out_dtype).reshape(lead_shape + out_shape)
@@ -361,6 +367,7 @@ class Embed(nnx.Module):
                names: tuple[str | None, str], *, rngs: nnx.Rngs):
     self.table = _normal(rngs, (num_rows, cfg.d_model), cfg.init_std, names)
     self.dtype = cfg.compute_dtype
+    self.cpu_matmul = cfg.cpu_matmul
 
   def __call__(self, ids_BT: jax.Array) -> jax.Array:
     """Returns the rows ``ids_BT`` picks, ``[B, T, D]`` in the compute dtype."""
@@ -371,8 +378,9 @@ class Embed(nnx.Module):
     B, T, D = x_BTD.shape
     table_VD = self.table[...].astype(self.dtype)
     # Float32 straight out of the matmul, as for the untied head.
-    logits_MV = jnp.dot(x_BTD.reshape(B * T, D), table_VD.T,
-                        preferred_element_type=jnp.float32)
+    logits_MV = cpu_matmul.matmul(x_BTD.reshape(B * T, D), table_VD.T,
+                                  backend=self.cpu_matmul,
+                                  preferred_element_type=jnp.float32)
     return logits_MV.reshape(B, T, -1)
 
 
@@ -440,7 +448,8 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, rngs=rngs)
+    kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, rngs=rngs,
+              cpu_matmul=cfg.cpu_matmul)
     qkv_kw = dict(kw, use_bias=cfg.use_bias or cfg.qkv_bias)
     self.q = Dense((D,), (N, H), ('embed', 'heads', 'head_dim'),
                    std=cfg.init_std, **qkv_kw)
@@ -475,7 +484,8 @@ class Mlp(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, F = cfg.d_model, cfg.mlp_dim
-    kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, rngs=rngs)
+    kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, rngs=rngs,
+              cpu_matmul=cfg.cpu_matmul)
     self.gate = (Dense((D,), (F,), ('embed', 'mlp'), std=cfg.init_std, **kw)
                  if cfg.mlp == 'swiglu' else None)
     self.up = Dense((D,), (F,), ('embed', 'mlp'), std=cfg.init_std, **kw)
@@ -561,7 +571,7 @@ class Transformer(nnx.Module):
     self.lm_head = None if cfg.tie_embeddings or not lm else Dense(
         (cfg.d_model,), (cfg.vocab_size,), ('embed', 'vocab'),
         std=cfg.init_std, use_bias=False, dtype=cfg.compute_dtype, rngs=rngs,
-        out_dtype=jnp.float32)
+        out_dtype=jnp.float32, cpu_matmul=cfg.cpu_matmul)
     if lm:
       self.head = None
     else:  # A task head; heads.py builds on this module's layers.
@@ -707,6 +717,27 @@ def unstack_blocks(params: dict) -> dict:
   blocks = {i: jax.tree.map(lambda x, i=i: x[i], stacked)
             for i in range(num_layers)}
   return {**params, 'blocks': blocks}
+
+
+def with_xla_matmuls(graphdef, params):
+  """``graphdef`` with every matmul on XLA's dot (``model.cpu_matmul='xla'``).
+
+  For what leaves the process: a SavedModel or ``jax.export`` artifact cannot
+  carry the oneMKL custom call (llm_jax/model/cpu_matmul.py), and XLA's dot
+  gives the same numbers.
+
+  Args:
+    graphdef: the model's graph definition (``nnx.split``).
+    params: its parameters (a pure dict or state), needed to rebuild it.
+
+  Returns:
+    The new graph definition; the parameters are unchanged.
+  """
+  model = nnx.merge(graphdef, params)
+  for _, module in nnx.iter_modules(model):
+    if hasattr(module, 'cpu_matmul'):
+      module.cpu_matmul = 'xla'
+  return nnx.split(model)[0]
 
 
 def abstract_params(model_cfg) -> dict:

@@ -1,0 +1,135 @@
+"""oneMKL custom call against XLA's dot on CPU (``model.cpu_matmul``), timed alternately.
+
+  PYTHONPATH=. python benchmarks/cpu_matmul.py peak    # 2048^3: jnp.dot, oneMKL, torch.mm
+  PYTHONPATH=. python benchmarks/cpu_matmul.py step    # gpt2_small_cpu train step, xla vs mkl
+
+``peak`` times a 2048^3 product in float32 and bfloat16 (bf16 operands,
+float32 result) through ``jnp.dot`` and through ``llm_jax.model.cpu_matmul``,
+alternating the two for ``--rounds`` rounds, then ``torch.mm`` in a separate
+process (PyTorch's oneDNN and XLA each start their own threads; one process
+each keeps them from competing). ``step`` builds the train step of
+configs/gpt2_small_cpu.py twice in one process, ``model.cpu_matmul='xla'`` and
+``'mkl'``, and alternates them step by step, so load from other jobs falls on
+both alike. Medians in milliseconds and the xla/mkl ratio are printed.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+N = 2048
+TORCH_PEAK = """
+import sys, time, torch
+n = int(sys.argv[1])
+for name, dt in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+  a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+  torch.mm(a, b)
+  times = []
+  for _ in range(int(sys.argv[2]) * 3):
+    t = time.perf_counter(); torch.mm(a, b); times.append(time.perf_counter() - t)
+  print(name, 2 * n**3 / sorted(times)[len(times) // 2] / 1e9)
+"""
+
+
+def _median_gflops(times):
+  return 2 * N**3 / statistics.median(times) / 1e9
+
+
+def peak(rounds: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from llm_jax.model import cpu_matmul  # pylint: disable=import-outside-toplevel
+  print(f'oneMKL custom call available: {cpu_matmul.available()}')
+  for dtype in (jnp.float32, jnp.bfloat16):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (N, N)).astype(dtype)
+    b = jax.random.normal(k2, (N, N)).astype(dtype)
+    fns = {backend: jax.jit(lambda x, y, backend=backend: cpu_matmul.matmul(
+        x, y, backend=backend, preferred_element_type=jnp.float32))
+           for backend in ('xla', 'mkl')}
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+      fn(a, b).block_until_ready()
+    for _ in range(rounds):
+      for name, fn in fns.items():
+        for _ in range(3):
+          t = time.perf_counter()
+          fn(a, b).block_until_ready()
+          times[name].append(time.perf_counter() - t)
+    xla, mkl = _median_gflops(times['xla']), _median_gflops(times['mkl'])
+    print(f'{jnp.dtype(dtype).name:8s} jnp.dot {xla:7.0f} GFLOP/s   oneMKL {mkl:7.0f} '
+          f'GFLOP/s   ({mkl / xla:.2f}x)')
+  try:
+    out = subprocess.run([sys.executable, '-c', TORCH_PEAK, str(N), str(rounds)],
+                         capture_output=True, text=True, check=True).stdout
+  except (subprocess.CalledProcessError, FileNotFoundError) as e:
+    print(f'torch.mm not measured: {e}')
+    return
+  for line in out.split('\n'):
+    if line:
+      name, value = line.split()
+      print(f'{name:8s} torch.mm {float(value):6.0f} GFLOP/s (own process)')
+
+
+def _step_fn(dtype: str, backend: str):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from llm_jax.core import configuration  # pylint: disable=import-outside-toplevel
+  from llm_jax.training import sharding, trainer  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  config = configuration.load_preset('gpt2_small_cpu')
+  config.model.dtype = dtype
+  config.model.cpu_matmul = backend
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  vocab = 8192
+  tr = trainer.Trainer.build(config, vocab, mesh)
+  state = tr.init_fn()
+  tokens = np.random.default_rng(0).integers(
+      0, vocab, (config.data.batch_size, config.data.seq_len + 1), dtype=np.int32)
+  batch = sharding.global_batch(
+      {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, tr.batch_sharding)
+  return tr.step_fn, state, batch
+
+
+def step(dtype: str, rounds: int, steps: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  runs = {b: list(_step_fn(dtype, b)) for b in ('xla', 'mkl')}
+  times = {b: [] for b in runs}
+  losses = {b: [] for b in runs}
+  for run in runs.values():  # Compile and warm up.
+    run[1], m = run[0](run[1], run[2])
+    jax.block_until_ready(m)
+  for _ in range(rounds):
+    for b, run in runs.items():
+      for _ in range(steps):
+        t = time.perf_counter()
+        run[1], m = run[0](run[1], run[2])
+        losses[b].append(float(m['loss']))
+        times[b].append(time.perf_counter() - t)
+  xla, mkl = (statistics.median(times[b]) * 1e3 for b in ('xla', 'mkl'))
+  print(f'{dtype}: step xla {xla:.0f} ms, mkl {mkl:.0f} ms (median of '
+        f'{rounds} x {steps} alternated); xla/mkl = {xla / mkl:.2f}; '
+        f'last losses {losses["xla"][-1]:.4f} / {losses["mkl"][-1]:.4f}')
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('what', choices=('peak', 'step'))
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=3, help='steps per round (step)')
+  parser.add_argument('--dtype', default='float32,bfloat16',
+                      help='comma-separated compute dtypes (step)')
+  args = parser.parse_args()
+  print(f'load average {os.getloadavg()[0]:.2f}')
+  if args.what == 'peak':
+    peak(args.rounds)
+  else:
+    for dtype in args.dtype.split(','):
+      step(dtype, args.rounds, args.steps)
+  print(f'load average {os.getloadavg()[0]:.2f}')
+
+
+if __name__ == '__main__':
+  main()
