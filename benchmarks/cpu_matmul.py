@@ -87,7 +87,7 @@ def _step_fn(dtype: str, backend: str):
   tr = trainer.Trainer.build(config, vocab, mesh)
   state = tr.init_fn()
   tokens = np.random.default_rng(0).integers(
-      0, vocab, (config.data.batch_size, config.data.seq_len + 1), dtype=np.int32)
+      0, vocab, (config.train.batch_size, config.data.seq_len + 1), dtype=np.int32)
   batch = sharding.global_batch(
       {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, tr.batch_sharding)
   return tr.step_fn, state, batch

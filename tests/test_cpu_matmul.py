@@ -154,3 +154,10 @@ def test_with_xla_matmuls_leaves_no_custom_call_for_export():
 
   assert calls(graphdef) > 0
   assert calls(model_lib.with_xla_matmuls(graphdef, params)) == 0
+
+
+@needs_mkl
+def test_auto_is_mkl_for_bfloat16_only():
+  for dtype, calls in ((jnp.float32, 0), (jnp.bfloat16, 1)):
+    x, w = _operands(dtype)
+    assert _custom_calls(lambda a, b: cpu_matmul.matmul(a, b, backend='auto'), x, w) == calls
