@@ -94,11 +94,11 @@ def _losses(config, num_devices, steps=3):
 
 
 @needs_mkl
-@pytest.mark.parametrize('dtype, rtol', [('float32', 1e-5), ('bfloat16', 2e-3)])
-def test_train_step_losses_equal_xla(dtype, rtol):
-  want = _losses(_config('xla', dtype), 1)[0]
-  got, tr, state, batch = _losses(_config('mkl', dtype), 1)
-  np.testing.assert_allclose(got, want, rtol=rtol)
+def test_bfloat16_train_step_losses_equal_xla():
+  # (float32: the mesh test below compares oneMKL losses with XLA's to 1e-5.)
+  want = _losses(_config('xla', 'bfloat16'), 1)[0]
+  got, tr, state, batch = _losses(_config('mkl', 'bfloat16'), 1)
+  np.testing.assert_allclose(got, want, rtol=2e-3)
   assert got[-1] < got[0]
   # Every projection, the MLP and the tied/untied head, forward and backward.
   assert tr.step_fn.lower(state, batch).as_text().count('llm_jax_cpu_matmul') >= 3 * 7
