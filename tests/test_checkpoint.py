@@ -14,6 +14,7 @@ def test_save_then_donating_step_restores_the_saved_state_bit_exact(tmp_path, ti
   state, _ = tr.step_fn(state, batch)
   expected = jax.tree.map(np.array, jax.device_get(state))
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'c'), every=1, keep=3)
+  ckpt.prepare(state)  # The copy compiled ahead on the worker thread, as the loop does.
   ckpt.save(1, state, {'step': 1})
   # The next steps donate `state`'s buffers while the save may still be running.
   for _ in range(2):

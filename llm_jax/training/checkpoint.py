@@ -98,6 +98,7 @@ class Checkpointer:
     self._worker = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix='llm_jax-checkpoint') if self._background else None
     self._job = None  # (step, future) of the Orbax call on the worker.
+    self._copy = None  # Future of the compiled copy (see ``prepare``).
 
   def all_steps(self) -> list[int]:
     """Steps Orbax lists (finished renames), newest first."""
@@ -128,10 +129,24 @@ class Checkpointer:
     self._check_writable(step)
     self._join()
     if self._background:
-      snapshot = _copy_tree(state)  # The step after this one donates `state`.
+      snapshot = self._snapshot(state)  # The step after this one donates `state`.
       self._job = (step, self._worker.submit(self._orbax_save, step, snapshot, meta))
     else:
       self._orbax_save_or_raise(step, state, meta)
+
+  def prepare(self, state: Any) -> None:
+    """Compiles the pre-save copy on the worker now (~0.1 s), not in the first save."""
+    if self._background and self._copy is None:
+      abstract = abstract_like(state)
+      self._copy = self._worker.submit(lambda: _copy_tree.lower(abstract).compile())
+
+  def _snapshot(self, state: Any) -> Any:
+    if self._copy is not None:
+      try:
+        return self._copy.result()(state)
+      except Exception:  # pylint: disable=broad-except
+        self._copy = None  # Other shapes or shardings than prepared: jit's path.
+    return _copy_tree(state)
 
   def _orbax_save(self, step: int, state: Any, meta: dict) -> None:
     # Waits for the save in flight first: a failure here is that one's.
