@@ -18,8 +18,9 @@ after ``--warmup`` (the median counts), block on each step, and measure a
 2048^3 matmul in the step's dtype after every step (the same probe on both
 sides, so both pay the same cache disturbance). Each library's fp32 and bf16
 matmul peaks come from those probes. Every process gets the same thread
-settings (OMP/MKL threads and ``torch.set_num_threads`` = ``--threads``; XLA's
-CPU client sizes its pool to the host's cores). The Markdown table reports
+settings (OMP/MKL threads and ``torch.set_num_threads`` = ``--threads``,
+``OMP_WAIT_POLICY`` = ``--omp_wait_policy``; XLA's CPU client sizes its pool
+to the host's cores). The Markdown table reports
 medians over rounds and ratios of medians, with the host's AMX/AVX-512 flags
 and load average.
 
@@ -69,9 +70,10 @@ def load_avg() -> str:
     return '?'
 
 
-def thread_env(threads: int) -> dict:
+def thread_env(threads: int, wait_policy: str = 'PASSIVE') -> dict:
   env = dict(os.environ)
   env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+             OMP_WAIT_POLICY=wait_policy,
              PYTHONPATH=f'{ROOT}{os.pathsep}{env.get("PYTHONPATH", "")}'.rstrip(os.pathsep))
   return env
 
@@ -187,8 +189,8 @@ def _run_torch(shape, mode, dtype, args, tmp) -> dict:
   cmd = [sys.executable, __file__, '--worker=torch', f'--shape={shape}', f'--mode={mode}',
          f'--dtype={dtype}', f'--steps={args.steps}', f'--warmup={args.warmup}',
          f'--threads={args.threads}', f'--out={out}'] + (['--dry'] if args.dry else [])
-  subprocess.run(cmd, check=True, env=thread_env(args.threads), cwd=ROOT,
-                 stdout=subprocess.DEVNULL)
+  subprocess.run(cmd, check=True, env=thread_env(args.threads, args.omp_wait_policy),
+                 cwd=ROOT, stdout=subprocess.DEVNULL)
   return json.loads(out.read_text())
 
 
@@ -198,8 +200,8 @@ def _run_jax(shape, dtype, args, tmp) -> dict:
          f'--config.model.dtype={dtype}', f'--steps={args.steps}',
          f'--warmup={args.warmup}', f'--out={out}']
   cmd += [f'--config.{k}={v}' for k, v in overrides(shape, args.dry).items()]
-  subprocess.run(cmd, check=True, env=thread_env(args.threads), cwd=ROOT,
-                 stdout=subprocess.DEVNULL)
+  subprocess.run(cmd, check=True, env=thread_env(args.threads, args.omp_wait_policy),
+                 cwd=ROOT, stdout=subprocess.DEVNULL)
   r = json.loads(out.read_text())
   r['peak_flops_samples'] = r['peak_flops_samples'] or [r['peak_flops']]
   r['tokens_per_step'] = r['batch'] * r['seq_len']
@@ -226,7 +228,7 @@ def run_rounds(args) -> dict:
       load.append(load_avg())
   return {'results': results, 'load_average': load, 'isa': isa_flags(),
           'rounds': args.rounds, 'steps': args.steps, 'warmup': args.warmup,
-          'threads': args.threads}
+          'threads': args.threads, 'omp_wait_policy': args.omp_wait_policy}
 
 
 def _median_of(runs, key):
@@ -236,7 +238,8 @@ def _median_of(runs, key):
 def markdown(report: dict, flops_per_token: dict) -> str:
   """The table of medians over rounds and ratios of medians."""
   lines = [f'Host ISA: {" ".join(report["isa"]) or "(none listed)"}; '
-           f'{report["threads"]} threads each; {report["rounds"]} rounds x '
+           f'{report["threads"]} threads each, OMP_WAIT_POLICY='
+           f'{report.get("omp_wait_policy", "?")}; {report["rounds"]} rounds x '
            f'{report["steps"]} timed steps (after {report["warmup"]} warm-up); '
            f'load average {" -> ".join(report["load_average"])}.', '']
   lines += ['| shape | variant | dtype | step ms (median) | tokens/s | vs torch eager fp32 '
@@ -275,6 +278,10 @@ def parse(argv):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--threads', type=int, default=os.cpu_count())
   p.add_argument('--out', default='')
+  p.add_argument('--omp_wait_policy', default='PASSIVE', choices=['PASSIVE', 'ACTIVE'],
+                 help='OMP_WAIT_POLICY of every process. PASSIVE: spinning OpenMP '
+                      'threads (ACTIVE) made PyTorch steps 10-30x slower on a shared '
+                      'host at load average 6.')
   p.add_argument('--dry', action='store_true',
                  help='Tiny batch and sequence (tests the script, not speed).')
   p.add_argument('--worker', choices=['torch'], help=argparse.SUPPRESS)
