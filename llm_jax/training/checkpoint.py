@@ -247,10 +247,13 @@ class Checkpointer:
     The loop calls ``wait`` first, which reports a failed save; ``close``
     also runs while another error is on its way out and must not hide it.
     """
-    try:
-      self._join()
-    except UserError as e:
-      logging.warning('A checkpoint save did not finish: %s', e)
+    if self._job is not None:
+      future, self._job = self._job[1], None
+      try:
+        future.result()
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax's own words: the UserError, if any, is already on its way out.
+        logging.warning('A checkpoint save did not finish: %s', e)
     if self._worker is not None:
       self._worker.shutdown(wait=True)
     try:
