@@ -93,8 +93,11 @@ class Checkpointer:
     # ours; the copy is what makes it safe, since the next step donates the
     # state's buffers. On accelerators the copy would double the state's
     # device memory, so Orbax's own path (device-to-host copy, then async
-    # writes) stays in the caller's thread.
-    self._background = all(d.platform == 'cpu' for d in jax.devices())
+    # writes) stays in the caller's thread; so it does with several
+    # processes, whose collectives (the train step's and any Orbax runs) must
+    # start in the same order everywhere, which two threads cannot promise.
+    self._background = (jax.process_count() == 1 and
+                        all(d.platform == 'cpu' for d in jax.devices()))
     self._worker = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix='llm_jax-checkpoint') if self._background else None
     self._job = None  # (step, future) of the Orbax call on the worker.
