@@ -9,6 +9,12 @@ each with a 2048^3 matmul of each library, REPS rounds (default 6). On a
 shared machine the load drifts by the second; alternating makes the ratio of
 the two step times, and each one's ratio to its own library's matmul peak,
 comparable. Needs torch (not a dependency of llm_jax).
+
+Kept for its in-process profile hooks; it under-measures PyTorch: both
+libraries' thread pools live in one process and OpenMP must wait passively
+beside XLA's, and the 2048^3 peaks are fp32 only. For the comparison of
+record use benchmarks/side_by_side.py (one process per variant, eager,
+torch.compile and bf16 autocast against llm_jax fp32 and bf16).
 """
 import os, sys, time, statistics
 import torch, torch.nn as nn, torch.nn.functional as F

@@ -66,3 +66,19 @@ def test_bad_input_is_one_clear_line(args, message):
 def test_decode_needs_a_run():
   code, _, err = bench('decode')
   assert code == 2 and 'needs --workdir' in err, err
+
+
+def test_train_runs_where_tensorflow_is_not_installed(tmp_path):
+  """The GPU machine has no TensorFlow: `bench train` must not import it."""
+  out = tmp_path / 'train.json'
+  argv = ['llm_jax.bench', 'train', *TINY, '--steps=1', '--warmup=0', f'--out={out}']
+  code = ("import runpy, sys; sys.modules['tensorflow'] = None\n"
+          f"sys.argv = {argv!r}\n"
+          "try:\n  runpy.run_module('llm_jax.bench', run_name='__main__')\n"
+          "except SystemExit as e:\n  assert not e.code, e.code\n"
+          "assert not [m for m in sys.modules if m.startswith('tensorflow') and sys.modules[m]]\n")
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(out.read_text())['steps_timed'] == 1

@@ -226,6 +226,7 @@ def run_loop(trainer: Trainer, ckpt: ckpt_lib.Checkpointer, state: TrainState,
   cfg = trainer.config.train
   pending, evals, stop_signal, stopped_early = None, {}, None, False
   asked = False  # io.on_eval asked to stop.
+  ckpt.prepare(state)  # Off the loop's thread, while the first step compiles.
   if start == 0:
     io.evaluate(trainer, state, eval_batches, 0)
   t_start = time.perf_counter()
