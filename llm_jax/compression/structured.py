@@ -42,8 +42,8 @@ class _Metered(model_lib.Dense):
   def __init__(self, base: model_lib.Dense):  # pylint: disable=super-init-not-called
     # Not Dense.__init__: the base's own kernel and bias are kept (as LoraDense does).
     self.kernel, self.bias = base.kernel, base.bias
-    self.num_in_axes, self.dtype, self.out_dtype = (
-        base.num_in_axes, base.dtype, base.out_dtype)
+    self.num_in_axes, self.dtype, self.out_dtype, self.cpu_matmul = (
+        base.num_in_axes, base.dtype, base.out_dtype, base.cpu_matmul)
     self.in_shape = tuple(base.kernel.shape[:base.num_in_axes])
     self.energy = _Energy(jnp.zeros(self.in_shape, jnp.float32))
 
