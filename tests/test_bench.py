@@ -68,6 +68,7 @@ def test_decode_needs_a_run():
   assert code == 2 and 'needs --workdir' in err, err
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_train_runs_where_tensorflow_is_not_installed(tmp_path):
   """The GPU machine has no TensorFlow: `bench train` must not import it."""
   out = tmp_path / 'train.json'

@@ -104,6 +104,7 @@ def test_bfloat16_train_step_losses_equal_xla():
   assert tr.step_fn.lower(state, batch).as_text().count('llm_jax_cpu_matmul') >= 3 * 7
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 @needs_mkl
 def test_eight_device_mesh_gives_one_device_losses_on_local_shards():
   want = _losses(_config('xla'), 1)[0]

@@ -157,6 +157,7 @@ def test_resume_sees_exactly_the_uninterrupted_batches(tmp_path, tiny_config, mo
   assert {**first['loss_history'], **second['loss_history']} == straight['loss_history']
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_on_eval_can_stop_the_run_with_a_checkpoint(tmp_path, tiny_config):
   """The loop's hook for callers (a sweep's pruner) sees each eval and may stop there."""
   config, workdir, seen = tiny_config(train__steps=8, train__eval_every=2), str(tmp_path), []
@@ -177,6 +178,7 @@ def test_on_eval_can_stop_the_run_with_a_checkpoint(tmp_path, tiny_config):
   assert result['step'] == 8 and not result['stopped_on_eval']
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_two_fresh_runs_give_identical_losses(tmp_path, tiny_config):
   a = train.run(tiny_config(train__steps=6), str(tmp_path / 'a'))
   b = train.run(tiny_config(train__steps=6), str(tmp_path / 'b'))
@@ -205,6 +207,7 @@ def test_torn_latest_checkpoint_falls_back_with_a_warning(tmp_path, tiny_config,
   assert min(result['loss_history']) == 5, 'did not resume from step 4'
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_unfinished_save_is_ignored_with_a_warning(tmp_path, tiny_config, caplog):
   config, ckpts = make_checkpoints(tmp_path, tiny_config)
   leftover = ckpts / '8.orbax-checkpoint-tmp-1234'
@@ -215,6 +218,7 @@ def test_unfinished_save_is_ignored_with_a_warning(tmp_path, tiny_config, caplog
   assert '8.orbax-checkpoint-tmp-1234' in caplog.text
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_no_readable_checkpoint_is_an_error_not_a_restart(tmp_path, tiny_config):
   config, ckpts = make_checkpoints(tmp_path, tiny_config)
   for step in ('2', '4', '6'):
@@ -240,6 +244,7 @@ def test_checkpoint_path_that_is_a_file_fails_at_once(tmp_path, tiny_config):
     train.run(tiny_config(), str(tmp_path / 'run'))
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_changed_data_is_refused_and_changed_lr_is_logged(tmp_path, tiny_config, caplog):
   config, _ = make_checkpoints(tmp_path, tiny_config)
   config.train.steps, config.optim.learning_rate = 7, 1e-3
@@ -261,6 +266,7 @@ def test_nan_halt_stops_before_the_update(tmp_path, tiny_config, monkeypatch):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_nan_skip_drops_the_update_and_halts_after_a_streak(tmp_path, tiny_config, monkeypatch):
   record_batches(monkeypatch, poison={3})
   config = tiny_config(train__steps=5, train__nan_policy='skip', checkpoint__every=1,
@@ -300,6 +306,7 @@ def test_sigkill_during_async_saves_resumes_from_a_whole_checkpoint(tmp_path):
     assert name in rerun.stderr, (name, rerun.stderr[-2000:])
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_checkpoint_directory_lost_mid_run_fails_at_once(tmp_path):
   """The volume under checkpoints/ goes away (or turns read-only) mid-run."""
   workdir, ckpts = tmp_path / 'run', tmp_path / 'run' / 'checkpoints'
@@ -352,6 +359,7 @@ def test_a_second_trainer_is_refused_while_the_first_holds_the_run(tmp_path, tin
     pass
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_lost_checkpoints_are_refused_not_silently_restarted(tmp_path, tiny_config, capsys):
   config, ckpts = make_checkpoints(tmp_path, tiny_config)
   shutil.rmtree(ckpts)  # Deleted by hand, or a volume that was not mounted.

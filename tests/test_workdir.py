@@ -45,6 +45,7 @@ def test_load_refuses_a_directory_without_a_run(tmp_path):
     workdir_lib.load(str(tmp_path))
 
 
+@pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 def test_a_scanned_run_loads_layer_by_layer(tmp_path, tiny_config):
   """decode, export and convert walk blocks/0, blocks/1, ...: load unstacks."""
   from flax import nnx
