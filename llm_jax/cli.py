@@ -21,6 +21,7 @@ from collections.abc import Callable
 from absl import flags
 from ml_collections import config_flags
 
+from llm_jax.core.errors import CheckpointWriteError
 from llm_jax.core.errors import UserError
 
 _HELP = ('--help', '--helpshort', '--helpfull', '-h', '-?')
@@ -81,7 +82,20 @@ def run(main: Callable[..., Any], fv: flags.FlagValues, argv: list[str] | None, 
   try:
     return main(*rest)
   except UserError as e:
+    if isinstance(e, CheckpointWriteError) and _is_command():
+      # Orbax threads of the failed save may wait 300 s for a signal that will
+      # not come; the command exits now (its files are closed, the log flushed).
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      logging.shutdown()
+      sys.stdout.flush()
+      os._exit(2)
     fail(str(e))
+
+
+def _is_command() -> bool:
+  """Whether this process is ``python -m llm_jax.X`` (not a test or a notebook)."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  return bool(spec and (spec.name or '').startswith('llm_jax.'))
 
 
 def quiet_libraries() -> None:

@@ -11,6 +11,7 @@ import concurrent.futures
 import errno
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from llm_jax.core.errors import CheckpointWriteError
 from llm_jax.core.errors import UserError
 
 # Config sections that must match for a checkpoint to load into a run.
@@ -52,16 +54,59 @@ class _OneLineOrbaxErrors(logging.Filter):
     return True
 
 
+class _NoTensorStoreEchoes(logging.Filter):
+  """Drops asyncio's 'Future exception was never retrieved' for TensorStore writes.
+
+  When a volume goes away mid-save, every array's write fails on Orbax's
+  event loop and asyncio logs each one (about 40 lines apiece) after the
+  save's one failure has already reached us.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'tensorstore' not in record.getMessage()
+
+
+def _drop_closed_loop_echoes(previous):
+  """An unraisable hook that ignores TensorStore callbacks on Orbax's closed loop.
+
+  A failed save closes Orbax's event loop while TensorStore still completes
+  the other writes; each completion raises 'Event loop is closed' in a thread
+  of its own (a hundred tracebacks), which says nothing the one error does not.
+  """
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    previous(unraisable)
+
+  hook.llm_jax_closed_loop = True
+  return hook
+
+
 def _quiet_orbax_tracebacks() -> None:
   for name in ('absl', 'orbax'):
     logger = logging.getLogger(name)
     if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
       logger.addFilter(_OneLineOrbaxErrors())
+  logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _NoTensorStoreEchoes) for f in logger.filters):
+    logger.addFilter(_NoTensorStoreEchoes())
+  if not getattr(sys.unraisablehook, 'llm_jax_closed_loop', False):
+    sys.unraisablehook = _drop_closed_loop_echoes(sys.unraisablehook)
 
 
 def committed(step_dir: str) -> bool:
   """Whether a step directory holds Orbax's commit marker (written last)."""
   return (epath.Path(step_dir) / _COMMIT_MARKER).exists()
+
+
+class _SaveFailed(Exception):
+  """A save that failed, with its step (made a UserError in the main thread)."""
+
+  def __init__(self, step: int, error: Exception):
+    super().__init__(step, error)
+    self.step, self.error = step, error
 
 
 class Checkpointer:
@@ -82,10 +127,12 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=True))
-    # Steps known to be on disk whole, and the one save in flight (Orbax
+    # Steps known to be on disk whole, newest first, and the one save whose
+    # Orbax call returned but whose commit is not yet confirmed (Orbax
     # finishes a save before it starts the next, so one at most).
     self._complete = [s for s in self.all_steps() if self.is_committed(s)]
-    self._in_flight = None
+    self._pending = None
+    self._reported = False  # A failed save has reached the caller as an error.
     # On CPU, Orbax's synchronous part of an async save (per-array metadata,
     # replica slices, the copy to host, its worker threads) held the loop for
     # 14-17% of a base.py step. There the state is first copied (one jitted
@@ -100,7 +147,7 @@ class Checkpointer:
                         all(d.platform == 'cpu' for d in jax.devices()))
     self._worker = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix='llm_jax-checkpoint') if self._background else None
-    self._job = None  # (step, future) of the Orbax call on the worker.
+    self._job = None  # Future of the Orbax call on the worker.
     self._copy = None  # Future of the compiled copy (see ``prepare``).
 
   def all_steps(self) -> list[int]:
@@ -129,13 +176,17 @@ class Checkpointer:
         failed in the background. Either way the newest complete checkpoint
         is untouched and the message names it.
     """
-    self._check_writable(step)
+    try:
+      self._check_writable()
+    except OSError as e:
+      self._settle()  # Which earlier saves finished decides what the message names.
+      raise self._save_failed(step, e) from None
     self._join()
     if self._background:
       snapshot = self._snapshot(state)  # The step after this one donates `state`.
-      self._job = (step, self._worker.submit(self._orbax_save, step, snapshot, meta))
+      self._job = self._worker.submit(self._confirm_then_save, step, snapshot, meta)
     else:
-      self._orbax_save_or_raise(step, state, meta)
+      self._raise_as_user_error(self._confirm_then_save, step, state, meta)
 
   def prepare(self, state: Any) -> None:
     """Compiles the pre-save copy on the worker now (~0.1 s), not in the first save."""
@@ -151,40 +202,59 @@ class Checkpointer:
         self._copy = None  # Other shapes or shardings than prepared: jit's path.
     return _copy_tree(state)
 
-  def _orbax_save(self, step: int, state: Any, meta: dict) -> None:
-    # Waits for the save in flight first: a failure here is that one's.
-    self._manager.save(
-        step, force=True,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(meta)))
+  def _confirm(self) -> None:
+    """Waits for Orbax to commit the pending save; then it counts as complete.
 
-  def _orbax_save_or_raise(self, step: int, state: Any, meta: dict) -> None:
+    Raises:
+      _SaveFailed: naming the pending step, whose commit failed.
+    """
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
     try:
-      self._orbax_save(step, state, meta)
+      self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failed(self._in_flight or step, e) from None
-    self._finished()
-    self._in_flight = step
+      raise _SaveFailed(step, e) from None
+    self._complete.insert(0, step)
+
+  def _confirm_then_save(self, step: int, state: Any, meta: dict) -> None:
+    """The previous save's commit first (Orbax would wait for it anyway), then this one.
+
+    Runs on the worker in the background mode; the main thread touches
+    ``_pending`` and ``_complete`` only after joining it.
+    """
+    self._confirm()
+    try:
+      self._manager.save(
+          step, force=True,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _SaveFailed(step, e) from None
+    self._pending = step
+
+  def _raise_as_user_error(self, fn, *args) -> None:
+    try:
+      fn(*args)
+    except _SaveFailed as failed:
+      raise self._save_failed(failed.step, failed.error) from None
 
   def _join(self) -> None:
     """Waits for the worker's Orbax call (seconds ago; normally done)."""
     if self._job is None:
       return
-    step, future = self._job
-    self._job = None
+    future, self._job = self._job, None
+    self._raise_as_user_error(future.result)
+
+  def _settle(self) -> None:
+    """Lets every save in flight end, so ``_complete`` is the truth; never raises."""
     try:
-      future.result()
-    except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failed(self._in_flight or step, e) from None
-    self._finished()
-    self._in_flight = step
+      self._join()
+      self._confirm()
+    except Exception:  # pylint: disable=broad-except
+      pass  # That save failed: it is not complete, which is all we needed.
 
-  def _finished(self) -> None:
-    if self._in_flight is not None:
-      self._complete.insert(0, self._in_flight)
-    self._in_flight = None
-
-  def _check_writable(self, step: int) -> None:
+  def _check_writable(self) -> None:
     """Writes and removes a small file, so a lost or read-only volume fails now.
 
     An async save would otherwise fail in a background thread and surface a
@@ -192,22 +262,20 @@ class Checkpointer:
     """
     probe = epath.Path(self.directory) / (
         f'.write-probe-{jax.process_index()}-{os.getpid()}')
-    try:
-      probe.write_text('ok')
-      probe.unlink()
-    except OSError as e:
-      raise self._save_failed(step, e) from None
+    probe.write_text('ok')
+    probe.unlink()
 
-  def _save_failed(self, step: int, error: Exception) -> UserError:
+  def _save_failed(self, step: int, error: Exception) -> CheckpointWriteError:
     reason = getattr(error, 'strerror', None) or (
         str(error).strip().splitlines() or [type(error).__name__])[0][:200]
     if 'RESOURCE_EXHAUSTED' in reason or getattr(error, 'errno', None) == errno.ENOSPC:
       # TensorStore reports a full disk (ENOSPC) as RESOURCE_EXHAUSTED.
       reason = 'no space left on the device (the disk is full)'
+    self._reported = True  # close() need not log this failure again.
     good = [s for s in self._complete if s != step]
     last = (f'The newest complete checkpoint, step {good[0]}, is untouched'
             if good else 'No complete checkpoint exists yet')
-    return UserError(
+    return CheckpointWriteError(
         f'Cannot write the checkpoint of step {step} to {self.directory}: '
         f'{reason}. {last}. Make the directory writable (permissions, free '
         'space, a mounted volume), then run the same command to resume.')
@@ -238,35 +306,35 @@ class Checkpointer:
       UserError: a queued save failed (see ``save``).
     """
     self._join()
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise self._save_failed(self._in_flight or 0, e) from None
-    self._finished()
+    self._raise_as_user_error(self._confirm)
 
   def close(self) -> None:
     """Finishes saves in flight and releases Orbax; on failure logs, never raises.
 
     The loop calls ``wait`` first, which reports a failed save; ``close``
     also runs while another error is on its way out and must not hide it.
+    A failure already raised as an error is not logged again.
     """
+    def warn(what, e):
+      if not self._reported:
+        logging.warning('%s: %s', what, e)
+
     if self._job is not None:
-      future, self._job = self._job[1], None
+      future, self._job = self._job, None
       try:
         future.result()
-      except Exception as e:  # pylint: disable=broad-except
-        # Orbax's own words: the UserError, if any, is already on its way out.
-        logging.warning('A checkpoint save did not finish: %s', e)
+      except _SaveFailed as e:
+        warn('A checkpoint save did not finish', e.error)
     if self._worker is not None:
       self._worker.shutdown(wait=True)
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('A checkpoint save did not finish: %s', e)
+      warn('A checkpoint save did not finish', e)
     try:
       self._manager.close()
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Closing the checkpoint manager failed: %s', e)
+      warn('Closing the checkpoint manager failed', e)
 
 
 @jax.jit
