@@ -87,7 +87,7 @@ def test_a_reward_that_is_not_a_finite_number_is_refused(value, shown):
 
 def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, tokenizer_path):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from llm_jax.model import heads, transformer  # pylint: disable=g-import-not-at-top
+  from llm_jax.model import transformer  # pylint: disable=g-import-not-at-top
   from llm_jax.runs import workdir  # pylint: disable=g-import-not-at-top
   other = configuration.load_preset('tiny')
   other.data.update(cache_dir=str(tmp_path / 'cache2'), max_documents=60)
@@ -96,7 +96,7 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, tokenizer_pa
   rm = configuration.load_preset(configuration.CONFIGS_DIR / 'reward.py')
   rm.model = other.model
   cfg = transformer.ModelConfig.from_config(rm.model, vocab_size=600, max_len=256)
-  _, abstract = nnx.split(nnx.eval_shape(lambda: heads.RewardModel(cfg, rngs=nnx.Rngs(0))))
+  _, abstract = nnx.split(nnx.eval_shape(lambda: transformer.RewardModel(cfg, rngs=nnx.Rngs(0))))
   params = {k: np.zeros(v.shape, np.float32) for k, v in
             init_from.flatten_params(nnx.to_pure_dict(abstract)).items()}
   workdir.write(str(tmp_path / 'rm'), rm, init_from.unflatten_like(

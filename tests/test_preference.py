@@ -15,7 +15,6 @@ from llm_jax.core import configuration
 from llm_jax.core.errors import UserError
 from llm_jax.data import batch as batch_lib
 from llm_jax.data import preference, shards
-from llm_jax.model import heads
 from llm_jax.model import transformer as model_lib
 from llm_jax.training import objectives
 
@@ -95,7 +94,7 @@ def test_bradley_terry_reads_the_reward_at_the_last_response_token():
   c.update(num_layers=1, d_model=32, mlp_dim=64)
   cfg = model_lib.ModelConfig.from_config(c, vocab_size=50, max_len=16)
   # Shapes, then numpy values: eager init ops on tiny arrays are what would take time.
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: heads.RewardModel(cfg, rngs=nnx.Rngs(0))))
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: model_lib.RewardModel(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
                         nnx.to_pure_dict(params))

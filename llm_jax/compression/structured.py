@@ -27,7 +27,7 @@ import numpy as np
 from llm_jax.compression import prune as prune_lib
 from llm_jax.core.errors import UserError
 from llm_jax.data import pipeline, shards
-from llm_jax.model import transformer as model_lib
+from llm_jax.model import layers
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.training import sparsity
 
@@ -36,10 +36,10 @@ class _Energy(nnx.Variable):
   """Summed squares of each input of a dense layer (not a parameter)."""
 
 
-class _Metered(model_lib.Dense):
+class _Metered(layers.Dense):
   """A dense layer that also sums the square of each of its inputs."""
 
-  def __init__(self, base: model_lib.Dense):  # pylint: disable=super-init-not-called
+  def __init__(self, base: layers.Dense):  # pylint: disable=super-init-not-called
     # Not Dense.__init__: the base's own kernel and bias are kept (as LoraDense does).
     self.kernel, self.bias = base.kernel, base.bias
     self.num_in_axes, self.dtype, self.out_dtype, self.cpu_matmul = (

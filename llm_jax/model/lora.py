@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm_jax.model import layers
 from llm_jax.model import transformer as model_lib
 from llm_jax.core.errors import UserError
 
@@ -36,10 +37,10 @@ def scale(lora_cfg) -> float:
   return float(lora_cfg.alpha) / int(lora_cfg.rank)
 
 
-class LoraDense(model_lib.Dense):
+class LoraDense(layers.Dense):
   """A ``Dense`` plus a trainable low-rank update; see the module docstring."""
 
-  def __init__(self, base: model_lib.Dense, *, rank: int, alpha: float,
+  def __init__(self, base: layers.Dense, *, rank: int, alpha: float,
                rngs: nnx.Rngs):  # pylint: disable=super-init-not-called
     # Not Dense.__init__: the base's own kernel and bias are kept as they are.
     self.kernel, self.bias = base.kernel, base.bias
@@ -51,10 +52,10 @@ class LoraDense(model_lib.Dense):
                   (None,) * len(shape))
     in_names, out_names = names[:base.num_in_axes], names[base.num_in_axes:]
     # A's init as in the LoRA paper (B = 0 makes the start exact).
-    self.lora_a = model_lib._normal(  # pylint: disable=protected-access
+    self.lora_a = layers.normal(
         rngs, in_shape + (rank,), 1 / math.sqrt(math.prod(in_shape)),
         in_names + (None,))
-    self.lora_b = model_lib._param(  # pylint: disable=protected-access
+    self.lora_b = layers.param(
         jnp.zeros((rank,) + out_shape, jnp.float32), (None,) + out_names)
     self.lora_scale = alpha / rank
 
@@ -76,7 +77,7 @@ def _dense_layers(module, prefix=''):
   for name, value in list(vars(module).items()):
     if name.startswith('_'):
       continue
-    if isinstance(value, model_lib.Dense):
+    if isinstance(value, layers.Dense):
       yield f'{prefix}{name}', module, name
     elif isinstance(value, nnx.List):
       for i, child in enumerate(value):

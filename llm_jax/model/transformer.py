@@ -70,6 +70,8 @@ from flax import nnx
 from llm_jax.core.errors import UserError
 from llm_jax.model import attention
 from llm_jax.model import cpu_matmul
+from llm_jax.model import heads
+from llm_jax.model.layers import Dense, Embed, Norm
 
 NORMS = ('rmsnorm', 'layernorm')
 POSITIONS = ('rope', 'learned')
@@ -288,124 +290,6 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-# ---- Parameters with logical axis names.
-
-
-def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
-  """Wraps ``value`` as a Param whose metadata names its logical axes."""
-  assert len(names) == value.ndim, (names, value.shape)
-  # eager_sharding=False: keep the names as metadata only; without it flax
-  # would try to place the array on a mesh that does not exist at init.
-  return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float,
-            names: tuple[str | None, ...]) -> nnx.Param:
-  return _param(std * jax.random.normal(rngs.params(), shape, jnp.float32),
-                names)
-
-
-def _bias_names(names: tuple[str, ...]) -> tuple[str, ...]:
-  # A [D] bias is replicated like the norm vectors (see the module docstring).
-  return tuple('norm' if n == 'embed' else n for n in names)
-
-
-class Dense(nnx.Module):
-  """A dense layer with a multi-axis kernel applied as one 2-D matmul.
-
-  The kernel keeps its named axes (``[D, N, H]`` for queries) so sharding and
-  checkpoint import see heads, but the product runs as ``[M, D] @ [D, N*H]``:
-  on XLA:CPU that made the whole train step 1.2x faster (docs/performance.md).
-
-  Args:
-    in_shape: the contracted axes of the kernel, e.g. ``(D,)`` or ``(N, H)``.
-    out_shape: the produced axes, e.g. ``(N, H)`` or ``(D,)``.
-    names: logical axis names of the kernel, ``in_shape + out_shape`` long.
-    std: the std of the normal init of the kernel.
-    use_bias: whether to add a bias (zeros at init) of ``out_shape``.
-    dtype: the compute dtype operands are cast to.
-    rngs: the random streams; ``rngs.params()`` draws the kernel.
-    out_dtype: the dtype of the result (default ``dtype``).
-    cpu_matmul: ``config.model.cpu_matmul``, how the product runs on CPU.
-  """
-
-  def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
-               names: tuple[str, ...], *, std: float, use_bias: bool,
-               dtype: jnp.dtype, rngs: nnx.Rngs,
-               out_dtype: jnp.dtype | None = None, cpu_matmul: str = 'xla'):
-    self.kernel = _normal(rngs, in_shape + out_shape, std, names)
-    # Assign once: flax 0.12 makes an attribute first set to None static and
-    # then refuses an array in it.
-    self.bias = _param(jnp.zeros(out_shape, jnp.float32),
-                       _bias_names(names[len(in_shape):])) if use_bias else None
-    self.num_in_axes = len(in_shape)
-    self.dtype = dtype
-    self.out_dtype = out_dtype or dtype
-    self.cpu_matmul = cpu_matmul
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Contracts the last ``num_in_axes`` axes of ``x`` with the kernel."""
-    kernel = self.kernel[...].astype(self.dtype)
-    in_shape = kernel.shape[:self.num_in_axes]
-    out_shape = kernel.shape[self.num_in_axes:]
-    lead_shape = x.shape[:x.ndim - self.num_in_axes]
-    # A float32 result, rounded once after the bias: on XLA:CPU a bf16 x bf16
-    # -> f32 dot then a cast made the step ~5% faster than a bf16 result.
-    y = cpu_matmul.matmul(x.reshape(-1, math.prod(in_shape)),
-                          kernel.reshape(math.prod(in_shape), -1),
-                          backend=self.cpu_matmul,
-                          preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      y = y + self.bias[...].reshape(-1)
-    return y.astype(self.out_dtype).reshape(lead_shape + out_shape)
-
-
-class Embed(nnx.Module):
-  """A lookup table ``[rows, D]``; also the LM head when embeddings are tied."""
-
-  def __init__(self, num_rows: int, cfg: ModelConfig,
-               names: tuple[str | None, str], *, rngs: nnx.Rngs):
-    self.table = _normal(rngs, (num_rows, cfg.d_model), cfg.init_std, names)
-    self.dtype = cfg.compute_dtype
-    self.cpu_matmul = cfg.cpu_matmul
-
-  def __call__(self, ids_BT: jax.Array) -> jax.Array:
-    """Returns the rows ``ids_BT`` picks, ``[B, T, D]`` in the compute dtype."""
-    return jnp.take(self.table[...], ids_BT, axis=0).astype(self.dtype)
-
-  def attend(self, x_BTD: jax.Array) -> jax.Array:
-    """Scores ``x_BTD`` against every row: the tied LM head, ``[B, T, V]``."""
-    B, T, D = x_BTD.shape
-    table_VD = self.table[...].astype(self.dtype)
-    # Float32 straight out of the matmul, as for the untied head.
-    logits_MV = cpu_matmul.matmul(x_BTD.reshape(B * T, D), table_VD.T,
-                                  backend=self.cpu_matmul,
-                                  preferred_element_type=jnp.float32)
-    return logits_MV.reshape(B, T, -1)
-
-
-class Norm(nnx.Module):
-  """RMSNorm (scale only) or LayerNorm (scale and bias), computed in float32."""
-
-  def __init__(self, cfg: ModelConfig):
-    self.scale = _param(jnp.ones((cfg.d_model,), jnp.float32), ('norm',))
-    self.bias = (_param(jnp.zeros((cfg.d_model,), jnp.float32), ('norm',))
-                 if cfg.norm == 'layernorm' else None)
-    self.eps = cfg.norm_eps
-    self.dtype = cfg.compute_dtype
-
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    x_BTD = x_BTD.astype(jnp.float32)
-    if self.bias is not None:
-      x_BTD = x_BTD - jnp.mean(x_BTD, axis=-1, keepdims=True)
-    # For LayerNorm the mean is already out, so this is the variance.
-    ms_BT1 = jnp.mean(jnp.square(x_BTD), axis=-1, keepdims=True)
-    y_BTD = x_BTD * jax.lax.rsqrt(ms_BT1 + self.eps) * self.scale[...]
-    if self.bias is not None:
-      y_BTD = y_BTD + self.bias[...]
-    return y_BTD.astype(self.dtype)
-
-
 # ---- Attention.
 
 
@@ -525,20 +409,6 @@ class Block(nnx.Module):
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
 
-class MlmHead(nnx.Module):
-  """BERT's masked-LM transform: ``norm(gelu(dense(x)))``, and the output bias."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.dense = Dense((cfg.d_model,), (cfg.d_model,), ('embed', None),
-                       std=cfg.init_std, use_bias=True, dtype=cfg.compute_dtype, rngs=rngs)
-    self.norm = Norm(dataclasses.replace(cfg, norm='layernorm'))
-    self.bias = _param(jnp.zeros((cfg.vocab_size,), jnp.float32), ('vocab',))
-    self.tanh_gelu = cfg.gelu == 'tanh'
-
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    return self.norm(jax.nn.gelu(self.dense(x_BTD), approximate=self.tanh_gelu))
-
-
 class Transformer(nnx.Module):
   """The language model: tokens ``[B, T]`` to logits ``[B, T, V]`` (or a task head's)."""
 
@@ -564,7 +434,7 @@ class Transformer(nnx.Module):
     # Post-norm blocks end normed: no final norm (BERT has none).
     self.final_norm = None if cfg.post_norm else Norm(cfg)
     lm = cfg.head == 'lm'
-    self.mlm_head = MlmHead(cfg, rngs=rngs) if lm and cfg.mlm_head else None
+    self.mlm_head = heads.MlmHead(cfg, rngs=rngs) if lm and cfg.mlm_head else None
     # Logits stay float32 as they leave the matmul, never rounded to bf16:
     # better for the loss, and on XLA:CPU the step was ~10% faster than with
     # a bf16 [M, V] result cast up afterwards.
@@ -574,8 +444,7 @@ class Transformer(nnx.Module):
         out_dtype=jnp.float32, cpu_matmul=cfg.cpu_matmul)
     if lm:
       self.head = None
-    else:  # A task head; heads.py builds on this module's layers.
-      from llm_jax.model import heads  # pylint: disable=g-import-not-at-top
+    else:
       self.head = heads.task_head(cfg, rngs=rngs)
 
   def __call__(self, tokens_BT: jax.Array,
@@ -680,6 +549,35 @@ class Transformer(nnx.Module):
                             prevent_cse=False)
     x_BTD, _ = jax.lax.scan(body, x_BTD, stacked)
     return x_BTD
+
+
+class RewardModel(Transformer):
+  """The decoder with a scalar reward head read at a response's last token.
+
+  ``reward_head.kernel`` is ``[D, 1]`` with logical axes ``('embed', None)``,
+  no bias (a Bradley-Terry loss cannot see one). The LM head stays (unused by
+  the reward), so a reward model starts from any SFT run's parameters.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.reward_head = heads.reward_head(cfg, rngs=rngs)
+
+  def score(self, tokens_BT: jax.Array, last_B: jax.Array,
+            positions_BT: jax.Array | None = None) -> jax.Array:
+    """float32 rewards ``[B]``: the head on row b's hidden state at ``last_B[b]``.
+
+    Rows are right-padded (causal attention: what follows ``last_B`` cannot
+    change it); ``last_B`` is the position of the last token of the response.
+    """
+    hidden_BTD = self(tokens_BT, positions_BT, return_hidden=True)
+    hidden_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
+    return self.reward_head(hidden_BD)[:, 0]
+
+
+def model_class(objective: str) -> type[Transformer]:
+  """The module a run of ``config.objective`` trains."""
+  return RewardModel if objective == 'reward' else Transformer
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:

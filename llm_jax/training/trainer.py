@@ -22,7 +22,7 @@ import optax
 
 from llm_jax.core.errors import UserError
 from llm_jax.inference import decode
-from llm_jax.model import heads, lora
+from llm_jax.model import lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.training import objectives, optim, sharding, sparsity
@@ -171,7 +171,7 @@ def pair_metrics(totals: list[dict]) -> dict:
 def _make_model(config, model_cfg: ModelConfig, seed: int) -> Transformer:
   """The model ``config.objective`` trains (a Transformer, or one with a head),
   with LoRA adapters where ``config.lora`` asks for them."""
-  model = heads.model_class(objectives.objective_of(config))(model_cfg, rngs=nnx.Rngs(seed))
+  model = model_lib.model_class(objectives.objective_of(config))(model_cfg, rngs=nnx.Rngs(seed))
   return lora.apply(model, config.lora, seed) if lora.enabled(config) else model
 
 
