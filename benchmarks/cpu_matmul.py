@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/cpu_matmul.py peak    # 2048^3: jnp.dot, oneMKL, torch.mm
   PYTHONPATH=. python benchmarks/cpu_matmul.py step    # gpt2_small_cpu train step, xla vs mkl
+  PYTHONPATH=. python benchmarks/cpu_matmul.py layers  # that step's dense shapes, one at a time
 
 ``peak`` times a 2048^3 product in float32 and bfloat16 (bf16 operands,
 float32 result) through ``jnp.dot`` and through ``llm_jax.model.cpu_matmul``,
@@ -10,7 +11,10 @@ process (PyTorch's oneDNN and XLA each start their own threads; one process
 each keeps them from competing). ``step`` builds the train step of
 configs/gpt2_small_cpu.py twice in one process, ``model.cpu_matmul='xla'`` and
 ``'mkl'``, and alternates them step by step, so load from other jobs falls on
-both alike. Medians in milliseconds and the xla/mkl ratio are printed.
+both alike. ``layers`` times each dense shape of that step (rows 8 x 256)
+alone, forward only and forward + backward of ``sum(tanh(x @ w + b))``,
+alternating the two backends. Medians in milliseconds (GFLOP/s for ``peak``
+and ``layers``) and the ratios are printed.
 """
 
 import argparse
@@ -114,9 +118,53 @@ def step(dtype: str, rounds: int, steps: int) -> None:
         f'last losses {losses["xla"][-1]:.4f} / {losses["mkl"][-1]:.4f}')
 
 
+# (rows, in, out) of gpt2_small_cpu's dense layers: q/k/v/o, MLP up, MLP down, LM head.
+_LAYER_SHAPES = ((2048, 512, 512), (2048, 512, 2048), (2048, 2048, 512), (2048, 512, 8192))
+
+
+def layers(rounds: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from llm_jax.model import cpu_matmul  # pylint: disable=import-outside-toplevel
+  print(f'oneMKL custom call available: {cpu_matmul.available()}')
+
+  def train_fn(backend):
+    def loss(x, w, b):
+      y = cpu_matmul.matmul(x, w, backend=backend, preferred_element_type=jnp.float32)
+      return jnp.sum(jnp.tanh(y + b))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+  def forward_fn(backend):
+    return jax.jit(lambda x, w, b: cpu_matmul.matmul(
+        x, w, backend=backend, preferred_element_type=jnp.float32))
+
+  def rates(make, x, w, b, flops):
+    fns = {backend: make(backend) for backend in ('xla', 'mkl')}
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+      jax.block_until_ready(fn(x, w, b))
+    for _ in range(rounds):
+      for name, fn in fns.items():
+        for _ in range(3):
+          t = time.perf_counter()
+          jax.block_until_ready(fn(x, w, b))
+          times[name].append(time.perf_counter() - t)
+    return {name: flops / statistics.median(t) / 1e9 for name, t in times.items()}
+
+  for m, k, n in _LAYER_SHAPES:
+    x = jax.random.normal(jax.random.key(0), (m, k))
+    w = 0.02 * jax.random.normal(jax.random.key(1), (k, n))
+    b = jnp.zeros((n,))
+    fwd = rates(forward_fn, x, w, b, 2 * m * k * n)
+    both = rates(train_fn, x, w, b, 6 * m * k * n)
+    print(f'{m}x{k}x{n} float32: forward jnp.dot {fwd["xla"]:4.0f} oneMKL {fwd["mkl"]:4.0f} '
+          f'GFLOP/s ({fwd["mkl"] / fwd["xla"]:.2f}x); forward+backward jnp.dot '
+          f'{both["xla"]:4.0f} oneMKL {both["mkl"]:4.0f} ({both["mkl"] / both["xla"]:.2f}x)')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('what', choices=('peak', 'step'))
+  parser.add_argument('what', choices=('peak', 'step', 'layers'))
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=3, help='steps per round (step)')
   parser.add_argument('--dtype', default='float32,bfloat16',
@@ -125,6 +173,8 @@ def main() -> None:
   print(f'load average {os.getloadavg()[0]:.2f}')
   if args.what == 'peak':
     peak(args.rounds)
+  elif args.what == 'layers':
+    layers(args.rounds)
   else:
     for dtype in args.dtype.split(','):
       step(dtype, args.rounds, args.steps)
