@@ -12,7 +12,8 @@ that pays and falls back to ``jnp.dot`` everywhere else:
   wheels): one warning, then ``jnp.dot``, which gives the same numbers;
 * for dtypes other than float32/bfloat16.
 
-The C++ source (``csrc/cpu_matmul.cc``) is compiled on first use into a
+The C++ sources (``csrc/cpu_matmul.cc`` and the attention kernel's
+``csrc/cpu_attention.cc``) are compiled on first use into a
 per-user cache directory keyed by a hash of the source, the compiler, jaxlib
 and MKL versions (``$LLM_JAX_CACHE`` or ``~/.cache/llm_jax``), under a file
 lock, and renamed into place whole.
@@ -46,9 +47,16 @@ from llm_jax.core import files
 # custom call for bfloat16 on CPU hosts, where it measured faster).
 BACKENDS = ('auto', 'xla', 'mkl')
 _TARGET = 'llm_jax_cpu_matmul'
-_SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'cpu_matmul.cc')
+# One library holds every CPU kernel: this file's matmul and the fused
+# attention of llm_jax/model/cpu_attention.py.
+_SOURCES = tuple(os.path.join(os.path.dirname(__file__), 'csrc', name)
+                 for name in ('cpu_matmul.cc', 'cpu_attention.cc'))
+# FFI target names and the symbols that implement them.
+_TARGETS = {_TARGET: 'LlmJaxCpuMatmul',
+            'llm_jax_cpu_attention_fwd': 'LlmJaxCpuAttentionFwd',
+            'llm_jax_cpu_attention_bwd': 'LlmJaxCpuAttentionBwd'}
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_CXXFLAGS = ('-O2', '-std=c++17', '-shared', '-fPIC')
+_CXXFLAGS = ('-O3', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-pthread')
 
 
 def _cache_root() -> str:
@@ -88,7 +96,7 @@ def _build(cxx: str, mkl_lib: str, mkl_include: str, out: str) -> None:
   """Compiles the custom call into ``out``, whole or not at all."""
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
   os.close(fd)
-  cmd = [cxx, *_CXXFLAGS, '-I', jax.ffi.include_dir(), '-I', mkl_include, _SOURCE, mkl_lib,
+  cmd = [cxx, *_CXXFLAGS, '-I', jax.ffi.include_dir(), '-I', mkl_include, *_SOURCES, mkl_lib,
          f'-Wl,-rpath,{os.path.dirname(mkl_lib)}', '-o', tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -104,8 +112,10 @@ def _library_path() -> str:
   """The compiled library for this source, compiler, jaxlib and MKL (built once)."""
   mkl_lib, mkl_include, mkl_version = _mkl_paths()
   cxx = _compiler()
-  with open(_SOURCE, 'rb') as f:
-    source = f.read()
+  source = b''
+  for path in _SOURCES:
+    with open(path, 'rb') as f:
+      source += f.read()
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True,
                            check=False).stdout.split('\n')[0]
   key = hashlib.sha256(b'\0'.join([
@@ -129,8 +139,9 @@ def available() -> bool:
   """Builds and registers the custom call once; False (after one warning) if it cannot."""
   try:
     lib = ctypes.cdll.LoadLibrary(_library_path())
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LlmJaxCpuMatmul),
-                                platform='cpu')
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform='cpu')
   except (OSError, RuntimeError, AttributeError) as e:
     logging.warning('model.cpu_matmul: oneMKL matmul unavailable (%s); using '
                     "XLA's dot (same results, slower on CPU).", e)

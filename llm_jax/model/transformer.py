@@ -69,6 +69,7 @@ from flax import nnx
 
 from llm_jax.core.errors import UserError
 from llm_jax.model import attention
+from llm_jax.model import cpu_attention
 from llm_jax.model import cpu_matmul
 from llm_jax.model import heads
 from llm_jax.model.layers import Dense, Embed, Norm
@@ -346,6 +347,7 @@ class Attention(nnx.Module):
                    std=cfg.init_std / math.sqrt(2 * cfg.num_layers), **kw)
     self.backend = cfg.attention
     self.causal = cfg.causal  # Encoders attend both ways (splash needs to know).
+    self.cpu_matmul = cfg.cpu_matmul  # 'xla' attention runs fused on CPU unless 'xla'.
 
   def __call__(self, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array] | None,
                mask_BTS: jax.Array) -> jax.Array:
@@ -354,7 +356,8 @@ class Attention(nnx.Module):
     if rope is not None:
       q_BTNH, k_BTKH = apply_rope(q_BTNH, *rope), apply_rope(k_BTKH, *rope)
     if self.backend == 'xla':
-      return self.o(attention.xla_attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS))
+      return self.o(cpu_attention.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS,
+                                         causal=self.causal, backend=self.cpu_matmul))
     # Other kernels (cuDNN, splash) behind the same signature.
     return self.o(attention.attend(q_BTNH, k_BTKH, v_BTKH, mask_BTS,
                                    backend=self.backend, causal=self.causal))
