@@ -3,6 +3,7 @@
   PYTHONPATH=. python benchmarks/cpu_matmul.py peak    # 2048^3: jnp.dot, oneMKL, torch.mm
   PYTHONPATH=. python benchmarks/cpu_matmul.py step    # gpt2_small_cpu train step, xla vs mkl
   PYTHONPATH=. python benchmarks/cpu_matmul.py layers  # that step's dense shapes, one at a time
+  PYTHONPATH=. python benchmarks/cpu_matmul.py attention  # one layer's attention: XLA, fused, torch
 
 ``peak`` times a 2048^3 product in float32 and bfloat16 (bf16 operands,
 float32 result) through ``jnp.dot`` and through ``llm_jax.model.cpu_matmul``,
@@ -13,7 +14,12 @@ configs/gpt2_small_cpu.py twice in one process, ``model.cpu_matmul='xla'`` and
 ``'mkl'``, and alternates them step by step, so load from other jobs falls on
 both alike. ``layers`` times each dense shape of that step (rows 8 x 256)
 alone, forward only and forward + backward of ``sum(tanh(x @ w + b))``,
-alternating the two backends. Medians in milliseconds (GFLOP/s for ``peak``
+alternating the two backends. ``attention`` times one layer's causal
+attention of that step (8 x 256 tokens, 8 heads of 64), forward and forward +
+backward, as ``attention.xla_attend`` and as the fused CPU kernel
+(``llm_jax.model.cpu_attention``) alternated, then PyTorch's
+``scaled_dot_product_attention(is_causal=True)`` in its own process (2
+threads). Medians in milliseconds (GFLOP/s for ``peak``
 and ``layers``) and the ratios are printed.
 """
 
@@ -162,9 +168,84 @@ def layers(rounds: int) -> None:
           f'{both["xla"]:4.0f} oneMKL {both["mkl"]:4.0f} ({both["mkl"] / both["xla"]:.2f}x)')
 
 
+TORCH_ATTENTION = """
+import sys, time, statistics, torch
+torch.set_num_threads(2)
+torch.set_flush_denormal(True)
+B, T, N, H = 8, 256, 8, 64
+for name, dt in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
+  q, k, v = (torch.randn(B, N, T, H, dtype=dt, requires_grad=True) for _ in range(3))
+  g = torch.randn(B, N, T, H, dtype=dt)
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  def fwd():
+    with torch.no_grad():
+      sdpa(q, k, v, is_causal=True)
+  def both():
+    sdpa(q, k, v, is_causal=True).backward(g)
+  for what, fn in (('forward', fwd), ('forward+backward', both)):
+    fn()
+    times = []
+    for _ in range(int(sys.argv[1]) * 5):
+      t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    print(name, what, statistics.median(times) * 1e3)
+"""
+
+
+def attention_layer(rounds: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from llm_jax.model import attention, cpu_attention  # pylint: disable=import-outside-toplevel
+  B, T, N, H = 8, 256, 8, 64
+  mask = attention.causal_mask(T)
+  kinds = {'xla': lambda q, k, v: attention.xla_attend(q, k, v, mask),
+           'fused': lambda q, k, v: cpu_attention.attend(q, k, v, mask, causal=True,
+                                                         backend='mkl')}
+  print(f'fused kernel available: {cpu_attention.use_kernel("mkl", jnp.float32)}')
+  ours = {}
+  for dtype in ('float32', 'bfloat16'):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (B, T, N, H)).astype(dtype) for key in keys[:3])
+    g = jax.random.normal(keys[3], (B, T, N, H))
+    fns = {}
+    for kind, fn in kinds.items():
+      fns[kind, 'forward'] = jax.jit(fn)
+      fns[kind, 'forward+backward'] = jax.jit(jax.grad(
+          lambda q, k, v, fn=fn, g=g: jnp.sum(fn(q, k, v).astype(jnp.float32) * g),
+          argnums=(0, 1, 2)))
+    times = {key: [] for key in fns}
+    for fn in fns.values():
+      jax.block_until_ready(fn(q, k, v))
+    for _ in range(rounds):
+      for key, fn in fns.items():
+        for _ in range(5):
+          t = time.perf_counter()
+          jax.block_until_ready(fn(q, k, v))
+          times[key].append(time.perf_counter() - t)
+    for (kind, what), t in times.items():
+      ours[dtype, what, kind] = statistics.median(t) * 1e3
+  torch_ms = {}
+  try:
+    out = subprocess.run([sys.executable, '-c', TORCH_ATTENTION, str(rounds)],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'}).stdout
+    for line in out.split('\n'):
+      if line:
+        dtype, what, value = line.split()
+        torch_ms[dtype, what] = float(value)
+  except (subprocess.CalledProcessError, FileNotFoundError) as e:
+    print(f'torch not measured: {e}')
+  for dtype in ('float32', 'bfloat16'):
+    for what in ('forward', 'forward+backward'):
+      xla, fused = ours[dtype, what, 'xla'], ours[dtype, what, 'fused']
+      torch_part = (f'  torch SDPA {torch_ms[dtype, what]:6.1f} ms (fused {torch_ms[dtype, what] / fused:.2f}x)'
+                    if (dtype, what) in torch_ms else '')
+      print(f'{dtype:8s} {what:16s} xla_attend {xla:6.1f} ms  fused {fused:6.1f} ms '
+            f'({xla / fused:.2f}x){torch_part}')
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('what', choices=('peak', 'step', 'layers'))
+  parser.add_argument('what', choices=('peak', 'step', 'layers', 'attention'))
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=3, help='steps per round (step)')
   parser.add_argument('--dtype', default='float32,bfloat16',
@@ -175,6 +256,8 @@ def main() -> None:
     peak(args.rounds)
   elif args.what == 'layers':
     layers(args.rounds)
+  elif args.what == 'attention':
+    attention_layer(args.rounds)
   else:
     for dtype in args.dtype.split(','):
       step(dtype, args.rounds, args.steps)

@@ -147,7 +147,8 @@ class ModelConfig:
   mlm_head: bool = False  # Dense + GELU + LayerNorm before the output, and its bias.
   head: str = 'lm'
   num_labels: int = 0  # Classes of a 'classification' head.
-  # Dense matmuls on CPU: 'xla', 'mkl' or 'auto' (llm_jax/model/cpu_matmul.py).
+  # Dense matmuls on CPU: 'xla', 'mkl' or 'auto' (llm_jax/model/cpu_matmul.py);
+  # other than 'xla', 'xla' attention also runs fused on CPU (cpu_attention.py).
   cpu_matmul: str = 'xla'
 
   def __post_init__(self):
