@@ -137,6 +137,12 @@ def _library_path() -> str:
 @functools.cache
 def available() -> bool:
   """Builds and registers the custom call once; False (after one warning) if it cannot."""
+  # oneMKL's OpenMP threads otherwise spin for 200 ms after each threaded call
+  # (KMP_BLOCKTIME), taking the cores from XLA's own threads: the bf16 step of
+  # gpt2_small_cpu took 1,221 ms with them spinning and 876 ms without
+  # (docs/performance.md). Set before the OpenMP runtime starts; a user's own
+  # value wins.
+  os.environ.setdefault('KMP_BLOCKTIME', '0')
   try:
     lib = ctypes.cdll.LoadLibrary(_library_path())
     for target, symbol in _TARGETS.items():
