@@ -285,16 +285,17 @@ ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k,
     return ffi::Error::InvalidArgument("cpu_attention: o must have q's dtype");
   }
   const bool* m = mask.typed_data();
+  auto run = [&](auto type_tag) {
+    using F = decltype(type_tag);
+    Forward(d, static_cast<const F*>(q.untyped_data()),
+            static_cast<const F*>(k.untyped_data()),
+            static_cast<const F*>(v.untyped_data()), m, causal, scale,
+            static_cast<F*>(o->untyped_data()), lse->typed_data());
+  };
   if (q.element_type() == ffi::DataType::F32) {
-    Forward(d, static_cast<const float*>(q.untyped_data()),
-            static_cast<const float*>(k.untyped_data()),
-            static_cast<const float*>(v.untyped_data()), m, causal, scale,
-            static_cast<float*>(o->untyped_data()), lse->typed_data());
+    run(0.0f);
   } else {
-    Forward(d, static_cast<const MKL_BF16*>(q.untyped_data()),
-            static_cast<const MKL_BF16*>(k.untyped_data()),
-            static_cast<const MKL_BF16*>(v.untyped_data()), m, causal, scale,
-            static_cast<MKL_BF16*>(o->untyped_data()), lse->typed_data());
+    run(static_cast<MKL_BF16>(0));
   }
   return ffi::Error::Success();
 }
@@ -399,26 +400,22 @@ ffi::Error AttentionBackward(
         "cpu_attention: o, dout and the gradients must have q's dtype");
   }
   const bool* m = mask.typed_data();
+  // One instantiation per operand type (the argument only carries the type).
+  auto run = [&](auto type_tag) {
+    using F = decltype(type_tag);
+    Backward(d, static_cast<const F*>(q.untyped_data()),
+             static_cast<const F*>(k.untyped_data()),
+             static_cast<const F*>(v.untyped_data()), m,
+             static_cast<const F*>(o.untyped_data()), lse.typed_data(),
+             static_cast<const F*>(dout.untyped_data()), causal, scale,
+             static_cast<F*>(dq->untyped_data()),
+             static_cast<F*>(dk->untyped_data()),
+             static_cast<F*>(dv->untyped_data()));
+  };
   if (t == ffi::DataType::F32) {
-    using F = float;
-    Backward(d, static_cast<const F*>(q.untyped_data()),
-             static_cast<const F*>(k.untyped_data()),
-             static_cast<const F*>(v.untyped_data()), m,
-             static_cast<const F*>(o.untyped_data()), lse.typed_data(),
-             static_cast<const F*>(dout.untyped_data()), causal, scale,
-             static_cast<F*>(dq->untyped_data()),
-             static_cast<F*>(dk->untyped_data()),
-             static_cast<F*>(dv->untyped_data()));
+    run(0.0f);
   } else {
-    using F = MKL_BF16;
-    Backward(d, static_cast<const F*>(q.untyped_data()),
-             static_cast<const F*>(k.untyped_data()),
-             static_cast<const F*>(v.untyped_data()), m,
-             static_cast<const F*>(o.untyped_data()), lse.typed_data(),
-             static_cast<const F*>(dout.untyped_data()), causal, scale,
-             static_cast<F*>(dq->untyped_data()),
-             static_cast<F*>(dk->untyped_data()),
-             static_cast<F*>(dv->untyped_data()));
+    run(static_cast<MKL_BF16>(0));
   }
   return ffi::Error::Success();
 }
