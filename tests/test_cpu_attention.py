@@ -117,3 +117,13 @@ def test_model_uses_it_unless_exported():
   assert c.model.cpu_matmul == 'auto'
   assert 'llm_jax_cpu_attention_fwd' in hlo(graphdef)
   assert 'llm_jax_cpu_attention' not in hlo(model_lib.with_xla_matmuls(graphdef, params))
+
+
+def test_auto_on_an_accelerator_host_never_builds_the_library(monkeypatch):
+  def no_build():
+    raise AssertionError('built the CPU library on a GPU host')
+
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(cpu_matmul, 'available', no_build)
+  assert not cpu_attention.use_kernel('auto', jnp.float32)
+  assert not cpu_matmul.use_mkl('auto', jnp.bfloat16)

@@ -41,6 +41,8 @@ def use_kernel(backend: str, dtype) -> bool:
   """Whether ``backend`` (a ``model.cpu_matmul`` value) runs attention in ``dtype`` fused."""
   if backend == 'xla' or jnp.dtype(dtype) not in _DTYPES:
     return False
+  if backend == 'auto' and jax.default_backend() != 'cpu':
+    return False  # A GPU or TPU host: do not even build the library.
   return cpu_matmul.available()
 
 
