@@ -217,10 +217,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'xla'
   # Dense matmuls (projections, MLP, LM head) on CPU: 'xla' (XLA's own dot),
   # 'mkl' (a custom call into oneMKL: AMX for bf16; llm_jax/model/cpu_matmul.py,
-  # built on first use, XLA's dot if it cannot be) or 'auto' (mkl for bfloat16
-  # on a CPU host, where it measured 1.2-1.6x faster per step; in float32 the
-  # two tie). With 'auto' or 'mkl', model.attention='xla' also runs fused on
-  # CPU hosts (llm_jax/model/cpu_attention.py: 3.5x XLA's attention, forward
+  # built on first use, XLA's dot if it cannot be) or 'auto' (mkl on a CPU
+  # host, where it measured 1.2-1.6x faster per step in bfloat16 and about
+  # 1.05x in float32). With 'auto' or 'mkl', model.attention='xla' also runs
+  # fused on CPU hosts (llm_jax/model/cpu_attention.py: 3.5x XLA's attention, forward
   # and backward, in both dtypes). GPUs and TPUs always use XLA's dot.
   c.model.cpu_matmul = 'auto'
 

@@ -158,8 +158,8 @@ def test_with_xla_matmuls_leaves_no_custom_call_for_export():
 
 
 @needs_mkl
-def test_auto_is_mkl_for_bfloat16_only():
-  for dtype, calls in ((jnp.float32, 0), (jnp.bfloat16, 1)):
+def test_auto_is_mkl_for_both_dtypes_on_a_cpu_host():
+  for dtype, calls in ((jnp.float32, 1), (jnp.bfloat16, 1), (jnp.float16, 0)):
     x, w = _operands(dtype)
     assert _custom_calls(lambda a, b: cpu_matmul.matmul(a, b, backend='auto'), x, w) == calls
 

@@ -44,7 +44,7 @@ from llm_jax.core import files
 
 # config.model.cpu_matmul values: 'xla' (always jnp.dot), 'mkl' (the custom
 # call on CPU; a warning and jnp.dot if it cannot be built) or 'auto' (the
-# custom call for bfloat16 on CPU hosts, where it measured faster).
+# custom call on CPU hosts, where it measured faster in both dtypes).
 BACKENDS = ('auto', 'xla', 'mkl')
 _TARGET = 'llm_jax_cpu_matmul'
 # One library holds every CPU kernel: this file's matmul and the fused
@@ -285,14 +285,15 @@ _mkl_matmul.defvjp(_fwd, _bwd)
 def use_mkl(backend: str, dtype) -> bool:
   """Whether ``backend`` (a ``model.cpu_matmul`` value) runs ``dtype`` through oneMKL.
 
-  'auto' means bfloat16 on a CPU host: there oneMKL's AMX kernels made the
-  gpt2_small_cpu train step 1.2-1.6x faster, while in float32 oneMKL's sgemm
-  and XLA's dot tie (docs/performance.md), so float32 keeps XLA's own dot.
+  'auto' means a CPU host: there oneMKL made the gpt2_small_cpu train step
+  1.2-1.6x faster in bfloat16 (AMX) and about 1.05x in float32 on an idle
+  machine (docs/performance.md, "Matmuls on CPU"). A GPU or TPU host does not
+  even build the library.
   """
   dtype = jnp.dtype(dtype)
   if backend == 'xla' or dtype not in _DTYPES:
     return False
-  if backend == 'auto' and (dtype != jnp.bfloat16 or jax.default_backend() != 'cpu'):
+  if backend == 'auto' and jax.default_backend() != 'cpu':
     return False
   return available()
 
@@ -306,7 +307,7 @@ def matmul(x_MK: jax.Array, w_KN: jax.Array, *, backend: str = 'xla',
     w_KN: ``[K, N]``, the same dtype as ``x_MK``.
     backend: ``config.model.cpu_matmul``: 'xla' is always ``jnp.dot``;
       'mkl' uses oneMKL when the devices are CPUs and it built; 'auto' does
-      so for bfloat16 only (``use_mkl``).
+      so on a CPU host (``use_mkl``).
     preferred_element_type: the result dtype (default: the operands'); the
       oneMKL path accumulates in float32 and rounds once to it.
 
