@@ -4,6 +4,7 @@
   PYTHONPATH=. python benchmarks/cpu_matmul.py step    # gpt2_small_cpu train step, xla vs mkl
   PYTHONPATH=. python benchmarks/cpu_matmul.py layers  # that step's dense shapes, one at a time
   PYTHONPATH=. python benchmarks/cpu_matmul.py attention  # one layer's attention: XLA, fused, torch
+  PYTHONPATH=. python benchmarks/cpu_matmul.py adamw   # AdamW: Optax's fusions vs one call per parameter
 
 ``peak`` times a 2048^3 product in float32 and bfloat16 (bf16 operands,
 float32 result) through ``jnp.dot`` and through ``llm_jax.model.cpu_matmul``,
@@ -19,7 +20,10 @@ attention of that step (8 x 256 tokens, 8 heads of 64), forward and forward +
 backward, as ``attention.xla_attend`` and as the fused CPU kernel
 (``llm_jax.model.cpu_attention``) alternated, then PyTorch's
 ``scaled_dot_product_attention(is_causal=True)`` in its own process (2
-threads). Medians in milliseconds (GFLOP/s for ``peak``
+threads). ``adamw`` times the optimizer update of gpt2_small_cpu's parameters
+alone (Optax's chain compiled by XLA against ``llm_jax.training.fused_adamw``),
+then the whole train step built with and without the fused update, each pair
+alternated in one process. Medians in milliseconds (GFLOP/s for ``peak``
 and ``layers``) and the ratios are printed.
 """
 
@@ -101,6 +105,81 @@ def _step_fn(dtype: str, backend: str):
   batch = sharding.global_batch(
       {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:]}, tr.batch_sharding)
   return tr.step_fn, state, batch
+
+
+def _alternate(fns: dict, rounds: int, steps: int) -> dict:
+  """Median ms of each ``fn()`` (which blocks), alternated round by round."""
+  times = {k: [] for k in fns}
+  for fn in fns.values():
+    fn()  # Compile and warm up.
+  for r in range(rounds):
+    for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+      for _ in range(steps):
+        t = time.perf_counter()
+        fns[k]()
+        times[k].append(time.perf_counter() - t)
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def adamw(dtypes: list, rounds: int, steps: int) -> None:
+  """The AdamW update alone, then the train step, with and without the fused update."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from llm_jax.core import configuration  # pylint: disable=import-outside-toplevel
+  from llm_jax.training import fused_adamw, optim  # pylint: disable=import-outside-toplevel
+  config = configuration.load_preset('gpt2_small_cpu')
+  fn, state, _ = _step_fn('float32', 'auto')
+  del fn
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  fused = fused_adamw.make_update(
+      config, optim.learning_rate_schedule(config.optim, config.train.steps))
+  grads = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), state.params)
+
+  def optax_update(params, opt_state):
+    norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(norm)
+    updates, new_state = tx.update(grads, opt_state, params)
+    keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)  # noqa: E731
+    return keep(optax.apply_updates(params, updates), params), keep(new_state, opt_state)
+
+  def fused_update(params, opt_state):
+    norm = optax.tree.norm(grads)
+    return fused(tx, grads, opt_state, params, norm, jnp.isfinite(norm))
+
+  def runner(update):
+    f = jax.jit(update, donate_argnums=(0, 1))
+    box = [jax.tree.map(jnp.copy, state.params), tx.init(state.params)]
+
+    def run():
+      box[:] = f(*box)
+      jax.block_until_ready(box)
+    return run
+
+  t = _alternate({'optax': runner(optax_update), 'fused': runner(fused_update)},
+                 rounds, 5 * steps)
+  n = sum(p.size for p in jax.tree.leaves(state.params))
+  print(f'AdamW update of {n / 1e6:.1f}M parameters: Optax {t["optax"]:.1f} ms, '
+        f'fused {t["fused"]:.1f} ms; optax/fused = {t["optax"] / t["fused"]:.2f}')
+  for dtype in dtypes:
+    runs = {}
+    for name in ('optax', 'fused'):
+      if name == 'optax':
+        real, fused_adamw.make_update = fused_adamw.make_update, lambda *a: None
+      try:
+        runs[name] = list(_step_fn(dtype, 'auto'))
+      finally:
+        if name == 'optax':
+          fused_adamw.make_update = real
+
+    def stepper(run):
+      def go():
+        run[1], m = run[0](run[1], run[2])
+        jax.block_until_ready(m)
+      return go
+    t = _alternate({k: stepper(r) for k, r in runs.items()}, rounds, steps)
+    print(f'{dtype} train step (model.cpu_matmul=auto): Optax update {t["optax"]:.0f} ms, '
+          f'fused {t["fused"]:.0f} ms; optax/fused = {t["optax"] / t["fused"]:.2f}')
 
 
 def step(dtype: str, rounds: int, steps: int) -> None:
@@ -245,7 +324,7 @@ def attention_layer(rounds: int) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('what', choices=('peak', 'step', 'layers', 'attention'))
+  parser.add_argument('what', choices=('peak', 'step', 'layers', 'attention', 'adamw'))
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=3, help='steps per round (step)')
   parser.add_argument('--dtype', default='float32,bfloat16',
@@ -258,6 +337,8 @@ def main() -> None:
     layers(args.rounds)
   elif args.what == 'attention':
     attention_layer(args.rounds)
+  elif args.what == 'adamw':
+    adamw(args.dtype.split(','), args.rounds, args.steps)
   else:
     for dtype in args.dtype.split(','):
       step(dtype, args.rounds, args.steps)

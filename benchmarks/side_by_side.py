@@ -269,7 +269,7 @@ def markdown(report: dict, flops_per_token: dict) -> str:
   for lib in ('torch', 'llm_jax'):
     cells = [f'{statistics.median(peaks[(lib, d)]) / 1e9:,.0f}' if (lib, d) in peaks else '-'
              for d in ('float32', 'bfloat16')]
-    lines.append(f'| {"torch.mm" if lib == "torch" else "jnp.dot (XLA:CPU)"} | '
+    lines.append(f'| {"torch.mm" if lib == "torch" else "llm_jax (model.cpu_matmul)"} | '
                  f'{cells[0]} | {cells[1]} |')
   lines += ['', 'Ratios are of medians over rounds (each round: one process per variant, '
             'median of its timed steps). "vs torch eager fp32" > 1 means faster.',

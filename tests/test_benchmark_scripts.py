@@ -35,7 +35,7 @@ def test_side_by_side_reports_medians_and_ratios_of_medians():
   assert '| small | torch eager | float32 | 2,000.0 | 500 | 1.00x | 50% |' in table, table
   assert '| small | llm_jax | float32 | 1,000.0 | 1,000 | 2.00x | 100% |' in table, table
   assert '| small | torch eager autocast | bfloat16 | 4,000.0 | 250 | 0.50x | 12% |' in table
-  assert '| torch.mm | 100 | 200 |' in table and '| jnp.dot (XLA:CPU) | 100 | - |' in table
+  assert '| torch.mm | 100 | 200 |' in table and '| llm_jax (model.cpu_matmul) | 100 | - |' in table
   assert 'amx_bf16 avx512f' in table and '1.0 1.0 1.0 -> 2.0 1.5 1.0' in table
 
 

@@ -47,14 +47,16 @@ from llm_jax.core import files
 # custom call on CPU hosts, where it measured faster in both dtypes).
 BACKENDS = ('auto', 'xla', 'mkl')
 _TARGET = 'llm_jax_cpu_matmul'
-# One library holds every CPU kernel: this file's matmul and the fused
-# attention of llm_jax/model/cpu_attention.py.
+# One library holds every CPU kernel: this file's matmul, the fused attention
+# of llm_jax/model/cpu_attention.py and the AdamW update of
+# llm_jax/training/fused_adamw.py.
 _SOURCES = tuple(os.path.join(os.path.dirname(__file__), 'csrc', name)
-                 for name in ('cpu_matmul.cc', 'cpu_attention.cc'))
+                 for name in ('cpu_matmul.cc', 'cpu_attention.cc', 'cpu_adamw.cc'))
 # FFI target names and the symbols that implement them.
 _TARGETS = {_TARGET: 'LlmJaxCpuMatmul',
             'llm_jax_cpu_attention_fwd': 'LlmJaxCpuAttentionFwd',
-            'llm_jax_cpu_attention_bwd': 'LlmJaxCpuAttentionBwd'}
+            'llm_jax_cpu_attention_bwd': 'LlmJaxCpuAttentionBwd',
+            'llm_jax_cpu_adamw': 'LlmJaxCpuAdamW'}
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _CXXFLAGS = ('-O3', '-fopenmp-simd', '-std=c++17', '-shared', '-fPIC', '-pthread')
 
@@ -327,3 +329,4 @@ def matmul(x_MK: jax.Array, w_KN: jax.Array, *, backend: str = 'xla',
     return _mkl_matmul(x, w).astype(out_dtype)
 
   return jax.lax.platform_dependent(x_MK, w_KN, cpu=mkl, default=xla)
+

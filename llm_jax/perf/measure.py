@@ -48,16 +48,16 @@ def random_batch(tr, config, seed: int = 0) -> dict:
   return sharding.global_batch(local, tr.batch_sharding)
 
 
-def _cpu_peak(dtype: str) -> float:
+def _cpu_peak(dtype: str, backend: str = 'xla') -> float:
   """FLOP/s of a 2048^3 matmul in ``dtype`` on this host (best of 5)."""
   from llm_jax.training import metrics  # pylint: disable=g-import-not-at-top
-  return metrics.measure_cpu_matmul_peak(dtype=dtype)
+  return metrics.measure_cpu_matmul_peak(dtype=dtype, backend=backend)
 
 
-def _cpu_peak_sample(dtype: str) -> float:
+def _cpu_peak_sample(dtype: str, backend: str) -> float:
   """One quick sample of the matmul peak (best of 2), between two steps."""
   from llm_jax.training import metrics  # pylint: disable=g-import-not-at-top
-  return metrics.measure_cpu_matmul_peak(repeats=2, dtype=dtype)
+  return metrics.measure_cpu_matmul_peak(repeats=2, dtype=dtype, backend=backend)
 
 
 def _peak_rss_bytes() -> float:
@@ -124,7 +124,8 @@ def bench_train(config, *, steps: int, warmup: int) -> tuple[dict, list]:
   tr = build_trainer(config)
   cfg, seq, batch_size = tr.model_cfg, config.data.seq_len, config.train.batch_size
   measure_peak = jax.devices()[0].platform == 'cpu' and not config.train.peak_flops
-  peak_before = _cpu_peak(cfg.dtype) if measure_peak else None
+  backend = cfg.cpu_matmul
+  peak_before = _cpu_peak(cfg.dtype, backend) if measure_peak else None
   state = tr.init_fn()
   batch = random_batch(tr, config)
   t0 = time.perf_counter()
@@ -136,7 +137,7 @@ def bench_train(config, *, steps: int, warmup: int) -> tuple[dict, list]:
   # On CPU the peak is sampled after every step: a shared machine's load
   # changes by the second, and each step is compared with the matmul rate of
   # its own moment.
-  probe = (lambda: _cpu_peak_sample(cfg.dtype)) if measure_peak else None
+  probe = (lambda: _cpu_peak_sample(cfg.dtype, backend)) if measure_peak else None
   state, times, peaks = time_steps(compiled, state, batch, warmup=warmup,
                                    steps=steps, probe=probe)
   median = statistics.median(times)
@@ -144,16 +145,21 @@ def bench_train(config, *, steps: int, warmup: int) -> tuple[dict, list]:
   flops_tok = metrics.train_flops_per_token(cfg, seq)
   tps = tokens / median
   if measure_peak:
-    peak_after = _cpu_peak(cfg.dtype)
+    peak_after = _cpu_peak(cfg.dtype, backend)
     peak = statistics.median(peaks)
     best_peak = max(peaks + [peak_before, peak_after])
     mfu = statistics.median(tokens * flops_tok / t / p for t, p in zip(times, peaks))
-    peak_src = (f'{cfg.dtype} 2048^3 jnp.dot measured in this run after every '
+    # The model's dense layers run through model.cpu_matmul (oneMKL on CPU
+    # unless 'xla'): the peak is that product's, XLA's dot is given beside it.
+    via = ('jnp.dot' if backend == 'xla' else
+           f'matmul through model.cpu_matmul={backend}, as the dense layers run it')
+    peak_src = (f'{cfg.dtype} 2048^3 {via}, measured in this run after every '
                 f'step (median; {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f}), '
                 f'{peak_before / 1e9:.0f} before and {peak_after / 1e9:.0f} after')
+    xla_peak = _cpu_peak(cfg.dtype) if backend != 'xla' else peak
   else:
     peak, peak_src = metrics.peak_flops(config.train.peak_flops)
-    peak_after, best_peak, mfu = None, peak, tps * flops_tok / peak
+    peak_after, best_peak, mfu, xla_peak = None, peak, tps * flops_tok / peak, None
   device_peak = _device_peak_bytes()
   r = {
       'command': 'train', 'config': config.name, 'machine': _machine(),
@@ -174,6 +180,8 @@ def bench_train(config, *, steps: int, warmup: int) -> tuple[dict, list]:
       'mfu': mfu, 'mfu_definition': 'median over steps of (step FLOPs / step '
              'time) / (peak sampled right after that step)',
       'mfu_vs_best_peak': tps * flops_tok / best_peak, 'best_peak_flops': best_peak,
+      'xla_dot_peak_flops': xla_peak,
+      'mfu_vs_xla_dot': tps * flops_tok / xla_peak if xla_peak else None,
       'compiled_temp_bytes': mem.temp_size_in_bytes if mem else None,
       'compiled_argument_bytes': mem.argument_size_in_bytes if mem else None,
       'peak_device_bytes': device_peak, 'peak_rss_bytes': _peak_rss_bytes(),
@@ -197,6 +205,11 @@ def bench_train(config, *, steps: int, warmup: int) -> tuple[dict, list]:
       ('**MFU**', f'**{100 * r["mfu"]:.1f}%**'),
       ('MFU vs the best peak seen', f'{100 * r["mfu_vs_best_peak"]:.1f}% '
                                     f'({best_peak / 1e9:.0f} GFLOP/s)'),
+  ]
+  if xla_peak and xla_peak is not peak:
+    rows.append(('MFU vs XLA\'s own dot', f'{100 * r["mfu_vs_xla_dot"]:.1f}% '
+                 f'({cfg.dtype} 2048^3 jnp.dot after the run: {xla_peak / 1e9:.0f} GFLOP/s)'))
+  rows += [
       ('compiled temporaries', f'{r["compiled_temp_bytes"] / GIB:.3f} GiB'
        if r['compiled_temp_bytes'] is not None else '?'),
       ('peak memory', mem_row),

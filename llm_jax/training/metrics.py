@@ -1,5 +1,6 @@
 """FLOP and MFU accounting, throughput, the progress line and TensorBoard events."""
 
+import functools
 import os
 import socket
 import sys
@@ -8,6 +9,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from llm_jax.model import cpu_matmul
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets. Matched
 # against ``device.device_kind`` (lower-cased), most specific first.
@@ -45,17 +48,19 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 def measure_cpu_matmul_peak(n: int = 2048, repeats: int = 5,
-                            dtype: str = 'float32') -> float:
+                            dtype: str = 'float32', backend: str = 'xla') -> float:
   """FLOP/s of an ``n^3`` matmul through ``jax.jit`` on this host, best of N.
 
   CPUs have no data-sheet peak that XLA reaches, and shared machines drift by
   20%, so MFU on CPU is measured against this figure taken in the same run.
   ``dtype`` is the operands' dtype (fp32 by default; 'bfloat16' for a bf16
-  model, whose matmuls XLA:CPU runs at a different rate).
+  model, whose matmuls XLA:CPU runs at a different rate). ``backend`` is a
+  ``model.cpu_matmul`` value: the product runs as the model's dense layers
+  run theirs (XLA's dot for 'xla'; oneMKL on CPU for 'auto' and 'mkl').
   """
   dev = jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), dtype), dev)
-  mm = jax.jit(jnp.matmul)
+  mm = jax.jit(functools.partial(cpu_matmul.matmul, backend=backend))
   mm(a, a).block_until_ready()
   best = float('inf')
   for _ in range(repeats):

@@ -52,12 +52,14 @@ def _loss_fn(params, ref_params, batch, graphdef, objective):
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
                accum_steps: int, loss_chunk: int = 0,
-               objective=None) -> tuple[TrainState, dict]:
+               objective=None, fused_update=None) -> tuple[TrainState, dict]:
   """One optimizer update on a global batch, accumulating micro-batch grads.
 
   ``objective`` (``llm_jax/training/objectives.py``, chosen by
   ``config.objective``) gives the loss and its metrics; None is the token
-  cross-entropy with ``loss_chunk``.
+  cross-entropy with ``loss_chunk``. ``fused_update``
+  (``fused_adamw.make_update``) replaces ``tx.update`` with the same update in
+  one call per parameter on CPU.
   """
   # The batch contract at the step's door: every key [B, T] (checked at trace time).
   chex.assert_rank(batch['inputs'], 2)
@@ -85,17 +87,20 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, schedule,
     loss, extra = losses.mean(), jax.tree.map(jnp.mean, extras)
   # With weights (masked LM) micro-batches hold about, not exactly, the same
   # weight, so the mean of their means is the batch mean only to that extent.
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
   # A non-finite loss or gradient never reaches the weights or the Adam
   # moments; train.nan_policy decides on the host whether to stop or go on.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep_if_finite = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep_if_finite(params, state.params),
-      opt_state=keep_if_finite(opt_state, state.opt_state))
+  if fused_update is not None:  # One call per parameter on CPU (fused_adamw.py).
+    params, opt_state = fused_update(tx, grads, state.opt_state, state.params,
+                                     grad_norm, finite)
+  else:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
+    opt_state = keep_if_finite(opt_state, state.opt_state)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {'loss': loss, 'grad_norm': grad_norm,
                      'lr': schedule(state.step), 'finite': finite, **extra}
 

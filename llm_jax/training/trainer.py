@@ -25,7 +25,7 @@ from llm_jax.inference import decode
 from llm_jax.model import lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.model.transformer import ModelConfig, Transformer
-from llm_jax.training import objectives, optim, sharding, sparsity
+from llm_jax.training import fused_adamw, objectives, optim, sharding, sparsity
 from llm_jax.training.steps import TrainState, eval_step, pair_eval_step, train_step
 
 
@@ -84,7 +84,8 @@ class Trainer:
     batch_shard = sharding.batch_sharding(mesh, rules)
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              accum_steps=config.optim.grad_accum_steps,
-                             objective=objective)
+                             objective=objective,
+                             fused_update=fused_adamw.make_update(config, schedule))
     if objective.is_pairwise:  # Reference (or None) beside the parameters.
       eval_fn = jax.jit(functools.partial(pair_eval_step, graphdef=graphdef,
                                           objective=objective),
