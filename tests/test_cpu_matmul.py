@@ -159,9 +159,14 @@ def test_with_xla_matmuls_leaves_no_custom_call_for_export():
 
 @needs_mkl
 def test_auto_is_mkl_for_both_dtypes_on_a_cpu_host():
+  rows = cpu_matmul.AUTO_MIN_ROWS
   for dtype, calls in ((jnp.float32, 1), (jnp.bfloat16, 1), (jnp.float16, 0)):
-    x, w = _operands(dtype)
+    x, w = _operands(dtype, m=rows)
     assert _custom_calls(lambda a, b: cpu_matmul.matmul(a, b, backend='auto'), x, w) == calls
+    # A decoding step's few rows stay on XLA's dot ('mkl' still calls oneMKL).
+    x, w = _operands(dtype, m=8)
+    assert _custom_calls(lambda a, b: cpu_matmul.matmul(a, b, backend='auto'), x, w) == 0
+    assert _custom_calls(lambda a, b: cpu_matmul.matmul(a, b, backend='mkl'), x, w) == calls
 
 
 @needs_mkl

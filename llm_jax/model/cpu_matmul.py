@@ -284,6 +284,13 @@ def _bwd(res, g_MN):
 _mkl_matmul.defvjp(_fwd, _bwd)
 
 
+# 'auto' leaves products of fewer rows to XLA's dot: a decoding step's
+# [batch, D] x [D, N] is too small for a call that wakes oneMKL's threads
+# (batch-1 float32 decoding of configs/base.py ran at 663 tokens/s through
+# oneMKL against 8,957 through XLA's dot). A train step has batch x sequence rows.
+AUTO_MIN_ROWS = 64
+
+
 def use_mkl(backend: str, dtype) -> bool:
   """Whether ``backend`` (a ``model.cpu_matmul`` value) runs ``dtype`` through oneMKL.
 
@@ -309,7 +316,8 @@ def matmul(x_MK: jax.Array, w_KN: jax.Array, *, backend: str = 'xla',
     w_KN: ``[K, N]``, the same dtype as ``x_MK``.
     backend: ``config.model.cpu_matmul``: 'xla' is always ``jnp.dot``;
       'mkl' uses oneMKL when the devices are CPUs and it built; 'auto' does
-      so on a CPU host (``use_mkl``).
+      so on a CPU host (``use_mkl``) for products of ``AUTO_MIN_ROWS`` rows
+      or more.
     preferred_element_type: the result dtype (default: the operands'); the
       oneMKL path accumulates in float32 and rounds once to it.
 
@@ -322,7 +330,8 @@ def matmul(x_MK: jax.Array, w_KN: jax.Array, *, backend: str = 'xla',
     return jnp.dot(x, w, preferred_element_type=out_dtype)
 
   if (x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.dtype != w_KN.dtype
-      or not use_mkl(backend, x_MK.dtype)):
+      or not use_mkl(backend, x_MK.dtype)
+      or (backend == 'auto' and x_MK.shape[0] < AUTO_MIN_ROWS)):
     return xla(x_MK, w_KN)
 
   def mkl(x, w):
