@@ -218,10 +218,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Dense matmuls (projections, MLP, LM head) on CPU: 'xla' (XLA's own dot),
   # 'mkl' (a custom call into oneMKL: AMX for bf16; llm_jax/model/cpu_matmul.py,
   # built on first use, XLA's dot if it cannot be) or 'auto' (mkl on a CPU
-  # host, where it measured 1.2-1.6x faster per step in bfloat16 and about
-  # 1.05x in float32). With 'auto' or 'mkl', model.attention='xla' also runs
-  # fused on CPU hosts (llm_jax/model/cpu_attention.py: 3.5x XLA's attention, forward
-  # and backward, in both dtypes). GPUs and TPUs always use XLA's dot.
+  # host for products of 64 rows or more, where it measured 1.2-1.6x faster
+  # per step in bfloat16 and about 1.05x in float32). With 'auto' or 'mkl',
+  # model.attention='xla' also runs fused on CPU hosts
+  # (llm_jax/model/cpu_attention.py: 3.5x XLA's attention, forward and
+  # backward, in both dtypes) and AdamW runs as one call per parameter
+  # (llm_jax/training/fused_adamw.py). GPUs and TPUs always use XLA's dot.
   c.model.cpu_matmul = 'auto'
 
   # ---- Pruning (python -m llm_jax.prune; docs/compression.md).

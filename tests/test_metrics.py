@@ -4,6 +4,7 @@ import io
 import math
 
 import numpy as np
+import pytest
 
 from llm_jax.training import metrics
 from llm_jax.model.transformer import ModelConfig
@@ -48,6 +49,28 @@ def test_gpt2_124m_mfu_under_the_stated_convention():
   thr._marks = [(0, 0.0), (1, 1.0)]
   assert math.isclose(thr.mfu(), 8.544384e13 / 989e12)
   assert math.isclose(thr.mfu(), 0.0863942, rel_tol=1e-6)
+
+
+class _FullDisk:
+  def close(self):
+    raise OSError(28, 'No space left on device')
+
+
+def test_a_failing_run_keeps_its_error_when_the_event_file_cannot_flush(tmp_path, capsys):
+  # A full disk fails the checkpoint first; the event file's last flush then
+  # fails too and must not replace that error (quiet) but must not pass silently.
+  for quiet in (False, True):
+    tb = metrics.TensorBoard(str(tmp_path / f'tb{quiet}'))
+    tb._records.close()  # pylint: disable=protected-access
+    tb._records = _FullDisk()  # pylint: disable=protected-access
+    if quiet:
+      tb.close(quiet=True)
+      assert 'TensorBoard events could not be flushed (No space left on device)' in (
+          capsys.readouterr().out)
+    else:
+      with pytest.raises(OSError):
+        tb.close()
+    tb.close()  # Closed once: a second close does nothing.
 
 
 def test_tensorboard_events_read_back_without_tensorflow_in_the_writer(tmp_path):

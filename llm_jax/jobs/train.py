@@ -378,14 +378,17 @@ def _train(config, tr, ckpt, state, start, inputs: _Inputs, eval_batches, workdi
     batches = inputs.train_batches(start)
   metrics.say(f'Training steps {start + 1}..{config.train.steps} on batches of '
               f'{batch} x {seq_len} tokens ({inputs.num_windows():,} windows per epoch).')
+  failed = True
   try:
     state, result = loop.run_loop(tr, ckpt, state, start, batches, eval_batches,
                                   io, meta_fn)
+    failed = False
   finally:
     # Stops a prefetch thread now, not at garbage collection (GRPO's rollout
     # function has nothing to stop).
     getattr(batches, 'close', lambda: None)()
-    io.tb.close()
+    # A failing run (a full disk) keeps its own error, not the event file's.
+    io.tb.close(quiet=failed)
   return state, {**result, 'tokens_per_step': rows * batch * seq_len}
 
 

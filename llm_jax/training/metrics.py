@@ -208,9 +208,23 @@ class TensorBoard:
       self._records.flush()
       self._flushed = time.monotonic()
 
-  def close(self) -> None:
-    if self._records is not None:
+  def close(self, quiet: bool = False) -> None:
+    """Flushes and closes the event file.
+
+    With ``quiet`` (the run is already failing, e.g. on a full disk) an
+    error from the last flush is printed as one line, not raised, so the
+    run's own error is the one the user sees.
+    """
+    if self._records is None:
+      return
+    try:
       self._records.close()
+    except OSError as e:
+      if not quiet:
+        raise
+      say(f'TensorBoard events could not be flushed ({e.strerror or e}); the '
+          'event file keeps what was written before.')
+    finally:
       self._file = self._records = None
 
 
