@@ -139,17 +139,11 @@ def test_train_step_equals_optax_and_copies_no_moments(monkeypatch):
 
 
 @needs_mkl
-def test_eight_device_mesh_updates_local_shards(monkeypatch):
+def test_meshes_of_several_devices_use_optax():
+  # Not yet on meshes: see fused_adamw.make_update.
   config = _config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-  got, got_params, hlo = _train(config, num_devices=8)
-  want, want_params, ref_hlo = _train(config, num_devices=8, fused=False,
-                                      monkeypatch=monkeypatch)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  # (The two programs may sum a gradient in another order: a few ulps.)
-  for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-  # Each device updates its own shards: no more collectives than Optax's update.
-  assert 'llm_jax_cpu_adamw' in hlo
-  for op in ('all-gather', 'all-to-all', 'collective-permute'):
-    assert hlo.count(f' {op}(') <= ref_hlo.count(f' {op}('), op
+  _, _, hlo = _train(config, num_devices=8, steps=1)
+  assert 'llm_jax_cpu_adamw' not in hlo
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  assert fused_adamw.make_update(config, lambda count: 0.1, mesh) is None

@@ -14,7 +14,8 @@ Everything else is Optax's: the state keeps Optax's layout (checkpoints do not
 change), the step counts come from ``tx.update``, and on GPU/TPU (the choice
 is made per platform when the step is lowered: ``jax.lax.platform_dependent``)
 or where the library could not be built, Optax's results are used as they are.
-On a device mesh each device updates its own shards (``custom_partitioning``).
+The call is partitioned (``custom_partitioning``: each device its own shards),
+but runs only on one-device meshes for now (``make_update``).
 """
 
 import functools
@@ -35,12 +36,16 @@ TARGET = 'llm_jax_cpu_adamw'
 _MOMENT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def make_update(config, schedule):
+def make_update(config, schedule, mesh=None):
   """``update(tx, grads, opt_state, params, grad_norm, finite) -> (params, opt_state)``, or None.
 
   None where the fused update does not apply: ``model.cpu_matmul='xla'``, an
   accelerator host with 'auto', LoRA or kept-zero pruning (their optimizers
-  wrap this one), or the library could not be built. ``schedule`` is the
+  wrap this one), a ``mesh`` of more than one device, or the library could
+  not be built. (On an 8-device CPU mesh a QA fine-tuning run ended at 77.5
+  exact match with it against 100 with Optax's update, while the decoder's
+  steps matched Optax's to 2e-7 on every mesh tried; until that is
+  understood, meshes use Optax's update.) ``schedule`` is the
   optimizer's learning-rate schedule (``optim.learning_rate_schedule``);
   ``tx`` is ``optim.make_optimizer``'s AdamW, whose state the update keeps.
   """
@@ -48,6 +53,8 @@ def make_update(config, schedule):
   if backend == 'xla' or (backend == 'auto' and jax.default_backend() != 'cpu'):
     return None
   if lora.enabled(config) or sparsity.keeps_zeros(config):
+    return None
+  if mesh is not None and mesh.size > 1:
     return None
   if not cpu_matmul.available():
     return None

@@ -85,7 +85,7 @@ class Trainer:
     step = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                              accum_steps=config.optim.grad_accum_steps,
                              objective=objective,
-                             fused_update=fused_adamw.make_update(config, schedule))
+                             fused_update=fused_adamw.make_update(config, schedule, mesh))
     if objective.is_pairwise:  # Reference (or None) beside the parameters.
       eval_fn = jax.jit(functools.partial(pair_eval_step, graphdef=graphdef,
                                           objective=objective),
