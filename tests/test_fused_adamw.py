@@ -43,7 +43,6 @@ def _grads(scale, seed):
 def _run(config, update, grad_scales, finites):
   """Applies updates with given gradients; returns (params, opt_state) per step."""
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
 
   @jax.jit
   def step(params, opt_state, grads, finite):
@@ -57,7 +56,6 @@ def _run(config, update, grad_scales, finites):
 
   params = _params()
   opt_state = tx.init(params)
-  del schedule
   out = []
   for i, (scale, finite) in enumerate(zip(grad_scales, finites)):
     params, opt_state = step(params, opt_state, _grads(scale, i), jnp.asarray(finite))

@@ -52,14 +52,12 @@ def make_update(config, schedule, mesh=None):
   optimizer's learning-rate schedule (``optim.learning_rate_schedule``);
   ``tx`` is ``optim.make_optimizer``'s AdamW, whose state the update keeps.
   """
-  backend = config.model.cpu_matmul
-  if backend == 'xla' or (backend == 'auto' and jax.default_backend() != 'cpu'):
-    return None
   if lora.enabled(config) or sparsity.keeps_zeros(config):
     return None
   if mesh is not None and mesh.size > 1:
     return None
-  if not cpu_matmul.available():
+  # The same rule as the dense layers' (xla, an accelerator host, no library).
+  if not cpu_matmul.use_mkl(config.model.cpu_matmul, jnp.float32):
     return None
   o = config.optim
   consts = dict(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), eps_root=0.0,
