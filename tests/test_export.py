@@ -354,3 +354,55 @@ def test_a_failed_export_leaves_nothing(exported, tmp_path, monkeypatch):
   with pytest.raises(OSError, match='disk full'):
     export.export(run.workdir, str(tmp_path / 'out' / '1'), log=lambda *_: None)
   assert os.listdir(tmp_path / 'out') == []
+
+
+# Compiles the decode loop through TensorFlow's XLA the way a loaded SavedModel
+# runs it (an XlaCallModule op, compiled on demand), with and without the
+# flattened kernels, and reports the loop fusions that contain a dot.
+_FUSED_DOTS = r'''
+import glob, re, sys
+import numpy as np
+from flax import nnx
+from jax.experimental import jax2tf
+from llm_jax.core.tfhost import tf
+from llm_jax.inference import decode
+from llm_jax.model import transformer as model
+sys.path.insert(0, 'tests')
+from test_decode import STYLES, TINY
+graphdef, params = nnx.split(model.Transformer(model.ModelConfig(**TINY, **STYLES['llama']),
+                                               rngs=nnx.Rngs(0)))
+variables = tf.nest.map_structure(tf.Variable, nnx.to_pure_dict(params))
+flatten = decode._flatten_kernels
+for name, fix in (('flat', flatten), ('control', lambda model: None)):
+  decode._flatten_kernels = fix
+  fn = lambda p, t, l: decode.decode_tokens(p, t, l, 4, 0.0, 0, 1.0, 0, graphdef=graphdef,
+                                            width=4)
+  tf.function(jax2tf.convert(fn, with_gradient=False, native_serialization_platforms=('cpu',)),
+              autograph=False)(variables, tf.ones((1, 5), tf.int32), tf.constant([5]))
+  hlo = open(max(glob.glob(sys.argv[1] + '/*after_optimizations.txt'),
+                 key=lambda f: int(re.search(r'module_(\d+)', f).group(1)))).read()
+  fused = [c for c in hlo.split('\n\n') if c.startswith('%fused_computation')]
+  print(name, sum(' dot(' in c for c in fused))
+'''
+
+
+def test_the_served_decode_loop_runs_its_projections_as_library_dots(tmp_path):
+  """The defect: the SavedModel generated at 0.5x JAX's tokens/s at batch 1.
+
+  Inside the decode loop, TensorFlow's XLA:CPU fused the reshape of each 3-D
+  projection kernel ([D, N, H] -> [D, N*H]) into the one-row product and
+  emitted a naive dot, 4-8x slower than its library dot
+  (docs/performance.md#decode-at-batch-1-where-the-savedmodel-loses).
+  ``decode._flatten_kernels`` reshapes the kernels once, before the loop.
+  """
+  proc = subprocess.run(
+      [sys.executable, '-c', _FUSED_DOTS, str(tmp_path)], capture_output=True, text=True,
+      timeout=300, env={**os.environ, 'PYTHONPATH': os.getcwd(),
+                        'XLA_FLAGS': f'--xla_dump_to={tmp_path} --xla_dump_hlo_as_text '
+                                     '--xla_dump_hlo_pass_re=NONE'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  counts = dict(line.split() for line in proc.stdout.splitlines())
+  assert counts['flat'] == '0', counts
+  # Without the reshape before the loop, q, k, v and o of both layers fuse:
+  # the check above can see the slow form.
+  assert int(counts['control']) >= 8, counts

@@ -24,7 +24,7 @@ validation windows.
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -125,7 +125,7 @@ def _is_embedding(name: str) -> bool:
 
 
 def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
-                   int4_embeddings: bool = False
+                   int4_embeddings: bool = False, matrices: Mapping[str, int] | None = None
                    ) -> tuple[list[Leaf], list[np.ndarray], Any]:
   """(leaf specs, the flat arrays to store, the treedef to rebuild params).
 
@@ -135,6 +135,12 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
     group_size: int4 inputs per scale; even, at least 2.
     int4_embeddings: with int4, the embedding tables and LM head too
       (otherwise int8).
+    matrices: ``{leaf name: input axes}`` of kernels to store as the 2-D
+      ``[inputs, outputs]`` matrix their product runs on, when stored float32
+      (``unflatten_params`` gives them their shape back). In a compiled
+      signature the two reshapes then cancel: TensorFlow's XLA:CPU fuses a
+      reshaped kernel into a one-row product as a naive dot, 4-8x slower
+      (docs/performance.md#decode-at-batch-1-where-the-savedmodel-loses).
   """
   if quantize not in FORMATS:
     raise UserError(f'--quantize={quantize!r}: use one of {", ".join(FORMATS)}.')
@@ -149,6 +155,8 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
     axes = _reduce_axes(name, value.ndim) if quantize != 'none' else None
     if axes is None:
       specs.append(Leaf(name, value.shape, None))
+      if matrices and name in matrices and value.ndim > 2:
+        value = value.reshape(math.prod(value.shape[:matrices[name]]), -1)
       arrays.append(value)
     elif quantize == 'int8' or (_is_embedding(name) and not int4_embeddings):
       specs.append(Leaf(name, value.shape, axes))
@@ -166,7 +174,7 @@ def unflatten_params(specs: Sequence[Leaf], arrays, treedef):
   leaves = []
   for spec in specs:
     if spec.reduce_axes is None:
-      leaves.append(next(it))
+      leaves.append(next(it).reshape(spec.shape))  # A no-op unless stored 2-D.
     elif spec.bits == 4:
       leaves.append(dequantize_int4(next(it), next(it), spec))
     else:

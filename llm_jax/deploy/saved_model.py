@@ -377,8 +377,9 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   width = max(1, min(max_new_tokens, cfg.max_len - 1))
   prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
   t0 = time.time()
-  specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize, group_size,
-                                                       int4_embeddings)
+  specs, arrays, treedef = quantize_lib.flatten_params(
+      run.params, quantize, group_size, int4_embeddings,
+      matrices=decode.kernel_matrices(run.graphdef, run.params))
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
                     if run.tokenizer is not None and run.tokenizer.kind == 'sentencepiece'
                     and text_signature else None)

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from llm_jax.model import attention
+from llm_jax.model import layers
 from llm_jax.model import transformer as model_lib
 from llm_jax.core.errors import UserError
 
@@ -191,6 +192,32 @@ def sample(logits_BV, key, step, temperature, top_k, top_p):
 # ---- The whole request.
 
 
+def _flatten_kernels(model) -> None:
+  """Dense kernels as 2-D matrices before a decode loop (``Dense.flatten_kernel``).
+
+  A merged model is this function's own copy; LoRA and pruning wrappers keep
+  their kernels (they run their own products).
+  """
+  if model.cfg.scan_layers:  # Stacked kernels [layers, ...]: leave them.
+    return
+  for _, module in nnx.iter_modules(model):
+    if type(module) is layers.Dense:  # pylint: disable=unidiomatic-typecheck
+      module.flatten_kernel()
+
+
+def kernel_matrices(graphdef, params) -> dict[str, int]:
+  """``{parameter name: input axes}`` of the Dense kernels of more than 2 axes.
+
+  Names as ``deploy.quantize`` writes them (``blocks/0/attn/q/kernel``); the
+  export stores these kernels 2-D (``quantize.flatten_params(matrices=)``).
+  """
+  model = nnx.merge(graphdef, params)
+  return {'/'.join(map(str, path + ('kernel',))): module.num_in_axes
+          for path, module in nnx.iter_modules(model)
+          if type(module) is layers.Dense  # pylint: disable=unidiomatic-typecheck
+          and module.kernel.ndim > 2}
+
+
 def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
                   top_k, top_p, seed, *, graphdef, width: int,
                   stop_ids: Sequence[int] = (), pad_id: int = 0,
@@ -222,6 +249,7 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   """
   chex.assert_rank([tokens_BP, lengths_B], [2, 1])  # Symbolic sizes are fine.
   model = nnx.merge(graphdef, params)
+  _flatten_kernels(model)  # Once, outside the loop below.
   cfg = model.cfg
   B, P = tokens_BP.shape
   lengths_B = lengths_B.astype(jnp.int32)

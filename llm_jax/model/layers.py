@@ -59,6 +59,9 @@ class Dense(nnx.Module):
     cpu_matmul: ``config.model.cpu_matmul``, how the product runs on CPU.
   """
 
+  # The kernel's produced axes once ``flatten_kernel`` made it 2-D (else None).
+  flat_out_shape: tuple[int, ...] | None = None
+
   def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
                names: tuple[str, ...], *, std: float, use_bias: bool,
                dtype: jnp.dtype, rngs: nnx.Rngs,
@@ -76,18 +79,32 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Contracts the last ``num_in_axes`` axes of ``x`` with the kernel."""
     kernel = self.kernel[...].astype(self.dtype)
-    in_shape = kernel.shape[:self.num_in_axes]
-    out_shape = kernel.shape[self.num_in_axes:]
+    out_shape = self.flat_out_shape or kernel.shape[self.num_in_axes:]
     lead_shape = x.shape[:x.ndim - self.num_in_axes]
+    in_size = math.prod(x.shape[x.ndim - self.num_in_axes:])
     # A float32 result, rounded once after the bias: on XLA:CPU a bf16 x bf16
     # -> f32 dot then a cast made the step ~5% faster than a bf16 result.
-    y = cpu_matmul.matmul(x.reshape(-1, math.prod(in_shape)),
-                          kernel.reshape(math.prod(in_shape), -1),
+    y = cpu_matmul.matmul(x.reshape(-1, in_size), kernel.reshape(in_size, -1),
                           backend=self.cpu_matmul,
                           preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].reshape(-1)
-    return y.astype(self.out_dtype).reshape(lead_shape + out_shape)
+    return y.astype(self.out_dtype).reshape(lead_shape + tuple(out_shape))
+
+  def flatten_kernel(self) -> None:
+    """Holds the kernel as the 2-D ``[in, out]`` matrix its product runs on.
+
+    For a loop that applies the layer many times to one row (the KV-cache
+    decode loop): the reshape then happens once, before the loop. Inside the
+    loop, XLA:CPU fuses the reshape of a 3-D kernel into a one-row product
+    and emits a naive dot: 4-8x slower per projection in the serving
+    TensorFlow (docs/performance.md#decode-at-batch-1-where-the-savedmodel-loses).
+    Same arithmetic; the module keeps its names and call signature.
+    """
+    kernel = self.kernel[...]
+    if kernel.ndim > 2:
+      self.flat_out_shape = tuple(kernel.shape[self.num_in_axes:])
+      self.kernel.value = kernel.reshape(math.prod(kernel.shape[:self.num_in_axes]), -1)
 
 
 class Embed(nnx.Module):
