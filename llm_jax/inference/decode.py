@@ -102,7 +102,7 @@ def _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot, mask_BTS):
   return x_BTD, k_BSKH, v_BSKH
 
 
-def forward_cached(model, tokens_BT, positions_BT, cache, slot, valid_BS):
+def forward_cached(model, tokens_BT, positions_BT, cache, slot, valid_BS, last_B=None):
   """Runs T new tokens through the model, reading and extending the cache.
 
   Args:
@@ -112,9 +112,11 @@ def forward_cached(model, tokens_BT, positions_BT, cache, slot, valid_BS):
     cache: list over layers of ``(k_BSKH, v_BSKH)``.
     slot: int scalar, the cache slot of the first new token.
     valid_BS: bool, False for slots holding left padding.
+    last_B: if given, each row's one token whose logits are wanted (a prefill
+      samples from one position: the LM head then runs on B rows, not B x T).
 
   Returns:
-    ``(logits_BTV float32, new cache)``.
+    ``(logits_BTV float32, new cache)``; T is 1 with ``last_B``.
   """
   T, S = tokens_BT.shape[1], valid_BS.shape[1]
   # Query t (slot slot+t) sees real slots up to its own.
@@ -126,6 +128,8 @@ def forward_cached(model, tokens_BT, positions_BT, cache, slot, valid_BS):
     x_BTD, k_BSKH, v_BSKH = _block(block, x_BTD, rope, k_BSKH, v_BSKH, slot,
                                    mask_BTS)
     new_cache.append((k_BSKH, v_BSKH))
+  if last_B is not None:
+    x_BTD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)
   return _logits(model, x_BTD), new_cache
 
 
@@ -263,8 +267,9 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   valid_BS = jnp.arange(P + width)[None, :] >= pad_B[:, None]
   positions_BP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
   cache = init_cache(cfg, B, P + width)
-  logits_BTV, cache = forward_cached(model, tokens_BP, positions_BP, cache, 0,
-                                     valid_BS)
+  # Every row's last prompt token is in column P-1 (= pad_B + lengths_B - 1).
+  logits_B1V, cache = forward_cached(model, tokens_BP, positions_BP, cache, 0,
+                                     valid_BS, last_B=pad_B + lengths_B - 1)
   stop_V = jnp.zeros((cfg.vocab_size,), jnp.bool_)
   for s in stop_ids:
     stop_V = stop_V.at[s].set(True)
@@ -284,7 +289,7 @@ def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
   out_BW = jnp.full((B, width), pad_id, jnp.int32)
   counts_B = jnp.zeros((B,), jnp.int32)
   done_B = (room_B <= 0) | (max_new <= 0)
-  token_B, out_BW, counts_B, done_B = record(0, logits_BTV[:, -1], out_BW,
+  token_B, out_BW, counts_B, done_B = record(0, logits_B1V[:, 0], out_BW,
                                              counts_B, done_B)
 
   def cond(carry):
@@ -326,14 +331,14 @@ def stack_cache(cache: list) -> jax.Array:
   return jnp.stack([jnp.stack(kv, axis=1) for kv in cache], axis=1)
 
 
-def _prompt_logits(model, tokens_BT):
+def _prompt_logits(model, tokens_BT, last_B=None):
   """Logits of right-padded rows starting at position 0, and their cache."""
   B, T = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
   cache = init_cache(model.cfg, B, T)
   # Causal attention alone keeps padding (after a row's tokens) out of them.
   return forward_cached(model, tokens_BT, positions_BT, cache, 0,
-                        jnp.ones((B, T), jnp.bool_))
+                        jnp.ones((B, T), jnp.bool_), last_B=last_B)
 
 
 def sample_rows(logits_BV, seed_B, step_B, index_B, temperature_B, top_k_B, top_p_B):
@@ -391,8 +396,8 @@ def prefill(params, tokens_BP, lengths_B, seed_B, index_B, temperature_B, top_k_
     later steps overwrite before reading) and ``_sampled``'s outputs.
   """
   model = nnx.merge(graphdef, params)
-  logits_BPV, cache = _prompt_logits(model, tokens_BP)
-  last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], 1)[:, 0]
+  logits_B1V, cache = _prompt_logits(model, tokens_BP, last_B=lengths_B - 1)
+  last_BV = logits_B1V[:, 0]
   sampling = (seed_B, jnp.zeros_like(seed_B), index_B, temperature_B, top_k_B, top_p_B)
   return {'cache': stack_cache(cache), **_sampled(last_BV, sampling)}
 
