@@ -392,7 +392,7 @@ def test_the_served_decode_loop_runs_its_projections_as_library_dots(tmp_path):
   Inside the decode loop, TensorFlow's XLA:CPU fused the reshape of each 3-D
   projection kernel ([D, N, H] -> [D, N*H]) into the one-row product and
   emitted a naive dot, 4-8x slower than its library dot
-  (docs/performance.md#decode-at-batch-1-where-the-savedmodel-loses).
+  (docs/performance.md#decode-at-batch-1-the-savedmodel-against-jax).
   ``decode._flatten_kernels`` reshapes the kernels once, before the loop.
   """
   proc = subprocess.run(

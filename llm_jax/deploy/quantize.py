@@ -140,7 +140,7 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
       (``unflatten_params`` gives them their shape back). In a compiled
       signature the two reshapes then cancel: TensorFlow's XLA:CPU fuses a
       reshaped kernel into a one-row product as a naive dot, 4-8x slower
-      (docs/performance.md#decode-at-batch-1-where-the-savedmodel-loses).
+      (docs/performance.md#decode-at-batch-1-the-savedmodel-against-jax).
   """
   if quantize not in FORMATS:
     raise UserError(f'--quantize={quantize!r}: use one of {", ".join(FORMATS)}.')

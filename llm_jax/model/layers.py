@@ -98,7 +98,7 @@ class Dense(nnx.Module):
     decode loop): the reshape then happens once, before the loop. Inside the
     loop, XLA:CPU fuses the reshape of a 3-D kernel into a one-row product
     and emits a naive dot: 4-8x slower per projection in the serving
-    TensorFlow (docs/performance.md#decode-at-batch-1-where-the-savedmodel-loses).
+    TensorFlow (docs/performance.md#decode-at-batch-1-the-savedmodel-against-jax).
     Same arithmetic; the module keeps its names and call signature.
     """
     kernel = self.kernel[...]
