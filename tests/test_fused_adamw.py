@@ -127,8 +127,12 @@ def test_train_step_equals_optax_and_copies_no_moments(monkeypatch):
   want, want_params, ref_hlo = _train(config, fused=False, monkeypatch=monkeypatch)
   assert got[-1] < got[0]
   np.testing.assert_allclose(got, want, rtol=1e-6)
+  # The two programs' gradients differ in rounding (different fusions), and
+  # Adam turns a near-zero gradient's rounding into steps up to 1e-7 (one
+  # clean-clone CI run: 1 element of 12,288 off by 1.1e-7). A wrong update
+  # is off by about the learning rate (5e-3 here) on every element.
   for g, w in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
   # Optax's path copies every old moment before updating it in place; the
   # fused update reads them where they are.
   assert hlo.count('custom_call_target="llm_jax_cpu_adamw"') == len(jax.tree.leaves(got_params))
