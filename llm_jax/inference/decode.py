@@ -196,30 +196,36 @@ def sample(logits_BV, key, step, temperature, top_k, top_p):
 # ---- The whole request.
 
 
+def _multi_axis_dense(model) -> list:
+  """``(path, Dense)`` of the plain Dense layers whose kernel has more than 2 axes.
+
+  LoRA and pruning wrappers run their own products and keep their kernels;
+  scanned blocks (kernels stacked ``[layers, ...]``) are left alone.
+  """
+  if model.cfg.scan_layers:
+    return []
+  return [(path, module) for path, module in nnx.iter_modules(model)
+          if type(module) is layers.Dense  # pylint: disable=unidiomatic-typecheck
+          and module.kernel.ndim > 2]
+
+
 def _flatten_kernels(model) -> None:
   """Dense kernels as 2-D matrices before a decode loop (``Dense.flatten_kernel``).
 
-  A merged model is this function's own copy; LoRA and pruning wrappers keep
-  their kernels (they run their own products).
+  ``model`` is the caller's own merged copy; the parameters passed in are untouched.
   """
-  if model.cfg.scan_layers:  # Stacked kernels [layers, ...]: leave them.
-    return
-  for _, module in nnx.iter_modules(model):
-    if type(module) is layers.Dense:  # pylint: disable=unidiomatic-typecheck
-      module.flatten_kernel()
+  for _, module in _multi_axis_dense(model):
+    module.flatten_kernel()
 
 
 def kernel_matrices(graphdef, params) -> dict[str, int]:
-  """``{parameter name: input axes}`` of the Dense kernels of more than 2 axes.
+  """``{parameter name: input axes}`` of the kernels ``_flatten_kernels`` reshapes.
 
   Names as ``deploy.quantize`` writes them (``blocks/0/attn/q/kernel``); the
   export stores these kernels 2-D (``quantize.flatten_params(matrices=)``).
   """
-  model = nnx.merge(graphdef, params)
   return {'/'.join(map(str, path + ('kernel',))): module.num_in_axes
-          for path, module in nnx.iter_modules(model)
-          if type(module) is layers.Dense  # pylint: disable=unidiomatic-typecheck
-          and module.kernel.ndim > 2}
+          for path, module in _multi_axis_dense(nnx.merge(graphdef, params))}
 
 
 def decode_tokens(params, tokens_BP, lengths_B, max_new_tokens, temperature,
