@@ -1,7 +1,8 @@
 """llm_jax's train step against PyTorch's on the same model, each in its own process.
 
     PYTHONPATH=. python benchmarks/side_by_side.py --rounds=3 [--shapes=small,gpt2_small_cpu]
-        [--steps=5] [--warmup=2] [--threads=2] [--out=/tmp/sbs.json]
+        [--steps=5] [--warmup=2] [--threads=2] [--dtypes=float32,bfloat16]
+        [--out=/tmp/sbs.json]
 
 For each shape (``gpt2_small_cpu``: configs/gpt2_small_cpu.py, 6 layers d 512;
 ``small``: the same preset with 4 layers d 256) and each round, it runs one
@@ -21,8 +22,9 @@ matmul peaks come from those probes. Every process gets the same thread
 settings (OMP/MKL threads and ``torch.set_num_threads`` = ``--threads``,
 ``OMP_WAIT_POLICY`` = ``--omp_wait_policy``; XLA's CPU client sizes its pool
 to the host's cores). The Markdown table reports
-medians over rounds and ratios of medians, with the host's AMX/AVX-512 flags
-and load average.
+medians over rounds and ratios of medians, with the host's CPU model, its
+AMX/AVX-512/AVX2/FMA flags and load average. bf16 is timed only where the CPU
+has bf16 units (AMX or AVX-512 BF16) unless ``--dtypes`` says otherwise.
 
 Needs torch (not a dependency of llm_jax). Without ``--worker`` this process
 imports neither jax nor torch.
@@ -54,13 +56,34 @@ MATMUL_FLOPS = 2 * 2048**3
 
 
 def isa_flags() -> list[str]:
-  """The AMX and AVX-512 flags /proc/cpuinfo lists (empty off Linux)."""
+  """The AMX, AVX-512, AVX2 and FMA flags /proc/cpuinfo lists (empty off Linux)."""
   try:
     text = pathlib.Path('/proc/cpuinfo').read_text()
   except OSError:
     return []
   words = set(text.split())
-  return sorted(w for w in words if w.startswith(('amx', 'avx512')))
+  return sorted(w for w in words if w.startswith(('amx', 'avx512', 'avx2', 'fma')))
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo ('?' off Linux)."""
+  try:
+    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return '?'
+
+
+def has_bf16_units(flags: list[str]) -> bool:
+  """Whether the CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16).
+
+  Without them PyTorch's bf16 matmul falls back to a scalar path: on a 2-core
+  AMD EPYC with AVX2 only, a 2048^3 bf16 torch.mm ran under 1 GFLOP/s, so
+  one autocast step would take minutes.
+  """
+  return bool({'amx_bf16', 'avx512_bf16'} & set(flags))
 
 
 def load_avg() -> str:
@@ -216,12 +239,13 @@ def run_rounds(args, on_round=lambda report: None) -> dict:
 
   ``on_round`` gets the report so far after each round.
   """
-  results = {s: {f'{v[0]} {v[2]}': [] for v in VARIANTS} for s in args.shapes}
+  variants = [v for v in VARIANTS if v[2] in args.dtypes]
+  results = {s: {f'{v[0]} {v[2]}': [] for v in variants} for s in args.shapes}
   load = [load_avg()]
   with tempfile.TemporaryDirectory(prefix='side_by_side_') as tmp:
     for rnd in range(args.rounds):
       for shape in args.shapes:
-        order = VARIANTS if rnd % 2 == 0 else VARIANTS[::-1]
+        order = variants if rnd % 2 == 0 else variants[::-1]
         for name, lib, dtype, mode in order:
           t0 = time.perf_counter()
           r = (_run_torch(shape, mode, dtype, args, tmp) if lib == 'torch'
@@ -233,6 +257,7 @@ def run_rounds(args, on_round=lambda report: None) -> dict:
                 file=sys.stderr, flush=True)
       load.append(load_avg())
       report = {'results': results, 'load_average': load, 'isa': isa_flags(),
+                'cpu': cpu_model(),
                 'rounds': rnd + 1, 'steps': args.steps, 'warmup': args.warmup,
                 'threads': args.threads, 'omp_wait_policy': args.omp_wait_policy}
       on_round(report)
@@ -245,7 +270,7 @@ def _median_of(runs, key):
 
 def markdown(report: dict, flops_per_token: dict) -> str:
   """The table of medians over rounds and ratios of medians."""
-  lines = [f'Host ISA: {" ".join(report["isa"]) or "(none listed)"}; '
+  lines = [f'Host: {report.get("cpu", "?")}; ISA: {" ".join(report["isa"]) or "(none listed)"}; '
            f'{report["threads"]} threads each, OMP_WAIT_POLICY='
            f'{report.get("omp_wait_policy", "?")}; {report["rounds"]} rounds x '
            f'{report["steps"]} timed steps (after {report["warmup"]} warm-up); '
@@ -286,6 +311,9 @@ def parse(argv):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--threads', type=int, default=os.cpu_count())
   p.add_argument('--out', default='')
+  p.add_argument('--dtypes', default='',
+                 help='Comma-separated float32,bfloat16 (default: both where the CPU '
+                      'has AMX or AVX-512 BF16, else float32 only).')
   p.add_argument('--omp_wait_policy', default='PASSIVE', choices=['PASSIVE', 'ACTIVE'],
                  help='OMP_WAIT_POLICY of every process. PASSIVE: spinning OpenMP '
                       'threads (ACTIVE) made PyTorch steps 10-30x slower on a shared '
@@ -301,6 +329,17 @@ def parse(argv):
   unknown = [s for s in args.shapes if s not in SHAPES]
   if unknown:
     p.error(f'unknown --shapes {unknown}: use {",".join(SHAPES)}')
+  if args.dtypes:
+    args.dtypes = [d for d in args.dtypes.split(',') if d]
+  else:
+    args.dtypes = ['float32'] + (['bfloat16'] if has_bf16_units(isa_flags()) else [])
+    if 'bfloat16' not in args.dtypes and not args.worker:
+      print('This CPU has neither AMX nor AVX-512 BF16: measuring float32 only '
+            '(--dtypes=float32,bfloat16 to time bf16 anyway).', file=sys.stderr)
+  wrong = [d for d in args.dtypes if d not in ('float32', 'bfloat16')]
+  if wrong or 'float32' not in args.dtypes:
+    p.error(f'--dtypes={",".join(args.dtypes)}: use float32 or float32,bfloat16 '
+            '(float32 is the baseline every ratio is against)')
   return args
 
 

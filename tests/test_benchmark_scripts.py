@@ -39,9 +39,21 @@ def test_side_by_side_reports_medians_and_ratios_of_medians():
   assert 'amx_bf16 avx512f' in table and '1.0 1.0 1.0 -> 2.0 1.5 1.0' in table
 
 
-def test_side_by_side_lists_only_amx_and_avx512_flags():
-  flags = _load('side_by_side').isa_flags()
-  assert all(f.startswith(('amx', 'avx512')) for f in flags)
+def test_side_by_side_lists_only_vector_and_matrix_flags():
+  sbs = _load('side_by_side')
+  flags = sbs.isa_flags()
+  assert all(f.startswith(('amx', 'avx512', 'avx2', 'fma')) for f in flags)
+  assert sbs.has_bf16_units(['avx2', 'avx512_bf16']) and sbs.has_bf16_units(['amx_bf16'])
+  assert not sbs.has_bf16_units(['avx2', 'fma', 'avx512f'])
+
+
+def test_side_by_side_times_bf16_only_where_asked_or_where_the_cpu_has_bf16_units():
+  sbs = _load('side_by_side')
+  assert sbs.parse(['--dtypes=float32,bfloat16']).dtypes == ['float32', 'bfloat16']
+  expected = ['float32'] + (['bfloat16'] if sbs.has_bf16_units(sbs.isa_flags()) else [])
+  assert sbs.parse([]).dtypes == expected
+  with pytest.raises(SystemExit):
+    sbs.parse(['--dtypes=bfloat16'])
 
 
 def test_gpu_check_compares_the_cpu_and_gpu_processes():
