@@ -174,3 +174,19 @@ def test_onemkl_threads_do_not_spin_after_a_call():
   # Spinning OpenMP threads took the cores from XLA's: the bf16 step 1.4x slower.
   import os  # pylint: disable=import-outside-toplevel
   assert os.environ.get('KMP_BLOCKTIME') == '0'
+
+
+def test_bfloat16_on_a_cpu_without_bf16_units_gets_one_clear_warning(tmp_path, caplog):
+  plain, amx = tmp_path / 'avx2', tmp_path / 'amx'
+  plain.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n')
+  amx.write_text('processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n')
+  assert cpu_matmul.cpu_has_bf16_units(str(plain)) is False
+  assert cpu_matmul.cpu_has_bf16_units(str(amx)) is True
+  assert cpu_matmul.cpu_has_bf16_units(str(tmp_path / 'missing')) is None
+  with caplog.at_level(logging.WARNING):
+    assert cpu_matmul.warn_if_bf16_is_emulated(jnp.bfloat16, str(plain))
+    assert not cpu_matmul.warn_if_bf16_is_emulated(jnp.float32, str(plain))
+    assert not cpu_matmul.warn_if_bf16_is_emulated(jnp.bfloat16, str(amx))
+    assert not cpu_matmul.warn_if_bf16_is_emulated(jnp.bfloat16, str(tmp_path / 'missing'))
+  warnings = [r.getMessage() for r in caplog.records if 'bf16 units' in r.getMessage()]
+  assert len(warnings) == 1 and '--config.model.dtype=float32' in warnings[0], warnings

@@ -291,6 +291,36 @@ _mkl_matmul.defvjp(_fwd, _bwd)
 AUTO_MIN_ROWS = 64
 
 
+def cpu_has_bf16_units(cpuinfo: str = '/proc/cpuinfo') -> bool | None:
+  """Whether this CPU multiplies bf16 natively: AMX or AVX-512 BF16 (None: unknown).
+
+  Without either, oneMKL and XLA both emulate bf16 products: on a 2-core AMD
+  EPYC with AVX2 only, gpt2_small_cpu's bf16 step took 1.1x its float32 time
+  (docs/performance.md, "On an AMD EPYC with AVX2").
+  """
+  try:
+    with open(cpuinfo, encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return bool({'amx_bf16', 'avx512_bf16'} & set(line.split(':', 1)[1].split()))
+  except OSError:
+    pass
+  return None
+
+
+def warn_if_bf16_is_emulated(dtype, cpuinfo: str = '/proc/cpuinfo') -> bool:
+  """Logs one warning when ``dtype`` is bfloat16 on a CPU host without bf16 units."""
+  if (jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != 'cpu'
+      or cpu_has_bf16_units(cpuinfo) is not False):
+    return False
+  logging.warning(
+      'model.dtype=bfloat16 on a CPU without bf16 units (neither AMX nor AVX-512 BF16 '
+      'is listed in %s): its bf16 products are emulated, so a step is slower than in '
+      'float32 (1.1x slower on a 2-core AVX2 EPYC). For speed on this machine, set '
+      '--config.model.dtype=float32.', cpuinfo)
+  return True
+
+
 def use_mkl(backend: str, dtype) -> bool:
   """Whether ``backend`` (a ``model.cpu_matmul`` value) runs ``dtype`` through oneMKL.
 

@@ -22,7 +22,7 @@ import optax
 
 from llm_jax.core.errors import UserError
 from llm_jax.inference import decode
-from llm_jax.model import lora
+from llm_jax.model import cpu_matmul, lora
 from llm_jax.model import transformer as model_lib
 from llm_jax.model.transformer import ModelConfig, Transformer
 from llm_jax.training import fused_adamw, objectives, optim, sharding, sparsity
@@ -50,6 +50,7 @@ class Trainer:
     model_cfg = ModelConfig.from_config(
         config.model, vocab_size=vocab_size, max_len=config.data.seq_len)
     _check_train_config(config, mesh)
+    cpu_matmul.warn_if_bf16_is_emulated(model_cfg.compute_dtype)
     schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
     tx = make_tx(config)
     rules = config.mesh.rules
