@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+from llm_jax.core import host
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHAPES = {  # name -> (preset, overrides as --config.KEY=VALUE pairs)
     'small': ('configs/gpt2_small_cpu.py',
@@ -57,33 +59,8 @@ MATMUL_FLOPS = 2 * 2048**3
 
 def isa_flags() -> list[str]:
   """The AMX, AVX-512, AVX2 and FMA flags /proc/cpuinfo lists (empty off Linux)."""
-  try:
-    text = pathlib.Path('/proc/cpuinfo').read_text()
-  except OSError:
-    return []
-  words = set(text.split())
-  return sorted(w for w in words if w.startswith(('amx', 'avx512', 'avx2', 'fma')))
-
-
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo ('?' off Linux)."""
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return '?'
-
-
-def has_bf16_units(flags: list[str]) -> bool:
-  """Whether the CPU multiplies bf16 natively (AMX tiles or AVX-512 BF16).
-
-  Without them PyTorch's bf16 matmul falls back to a scalar path: on a 2-core
-  AMD EPYC with AVX2 only, a 2048^3 bf16 torch.mm ran under 1 GFLOP/s, so
-  one autocast step would take minutes.
-  """
-  return bool({'amx_bf16', 'avx512_bf16'} & set(flags))
+  return sorted(f for f in host.cpu_flags() or ()
+                if f.startswith(('amx', 'avx512', 'avx2', 'fma')))
 
 
 def load_avg() -> str:
@@ -257,7 +234,7 @@ def run_rounds(args, on_round=lambda report: None) -> dict:
                 file=sys.stderr, flush=True)
       load.append(load_avg())
       report = {'results': results, 'load_average': load, 'isa': isa_flags(),
-                'cpu': cpu_model(),
+                'cpu': host.cpu_model(),
                 'rounds': rnd + 1, 'steps': args.steps, 'warmup': args.warmup,
                 'threads': args.threads, 'omp_wait_policy': args.omp_wait_policy}
       on_round(report)
@@ -332,7 +309,7 @@ def parse(argv):
   if args.dtypes:
     args.dtypes = [d for d in args.dtypes.split(',') if d]
   else:
-    args.dtypes = ['float32'] + (['bfloat16'] if has_bf16_units(isa_flags()) else [])
+    args.dtypes = ['float32'] + (['bfloat16'] if host.has_bf16_units(isa_flags()) else [])
     if 'bfloat16' not in args.dtypes and not args.worker:
       print('This CPU has neither AMX nor AVX-512 BF16: measuring float32 only '
             '(--dtypes=float32,bfloat16 to time bf16 anyway).', file=sys.stderr)

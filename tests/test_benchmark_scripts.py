@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from llm_jax.core import host
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,14 +45,14 @@ def test_side_by_side_lists_only_vector_and_matrix_flags():
   sbs = _load('side_by_side')
   flags = sbs.isa_flags()
   assert all(f.startswith(('amx', 'avx512', 'avx2', 'fma')) for f in flags)
-  assert sbs.has_bf16_units(['avx2', 'avx512_bf16']) and sbs.has_bf16_units(['amx_bf16'])
-  assert not sbs.has_bf16_units(['avx2', 'fma', 'avx512f'])
+  assert host.has_bf16_units(['avx2', 'avx512_bf16']) and host.has_bf16_units(['amx_bf16'])
+  assert not host.has_bf16_units(['avx2', 'fma', 'avx512f'])
 
 
 def test_side_by_side_times_bf16_only_where_asked_or_where_the_cpu_has_bf16_units():
   sbs = _load('side_by_side')
   assert sbs.parse(['--dtypes=float32,bfloat16']).dtypes == ['float32', 'bfloat16']
-  expected = ['float32'] + (['bfloat16'] if sbs.has_bf16_units(sbs.isa_flags()) else [])
+  expected = ['float32'] + (['bfloat16'] if host.has_bf16_units(sbs.isa_flags()) else [])
   assert sbs.parse([]).dtypes == expected
   with pytest.raises(SystemExit):
     sbs.parse(['--dtypes=bfloat16'])

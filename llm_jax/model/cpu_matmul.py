@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_jax.core import files
+from llm_jax.core import files, host
 
 # config.model.cpu_matmul values: 'xla' (always jnp.dot), 'mkl' (the custom
 # call on CPU; a warning and jnp.dot if it cannot be built) or 'auto' (the
@@ -291,24 +291,18 @@ _mkl_matmul.defvjp(_fwd, _bwd)
 AUTO_MIN_ROWS = 64
 
 
-def cpu_has_bf16_units(cpuinfo: str = '/proc/cpuinfo') -> bool | None:
+def cpu_has_bf16_units(cpuinfo: str = host.CPUINFO) -> bool | None:
   """Whether this CPU multiplies bf16 natively: AMX or AVX-512 BF16 (None: unknown).
 
   Without either, oneMKL and XLA both emulate bf16 products: on a 2-core AMD
   EPYC with AVX2 only, gpt2_small_cpu's bf16 step took 1.1x its float32 time
   (docs/performance.md, "On an AMD EPYC with AVX2").
   """
-  try:
-    with open(cpuinfo, encoding='utf-8') as f:
-      for line in f:
-        if line.startswith('flags'):
-          return bool({'amx_bf16', 'avx512_bf16'} & set(line.split(':', 1)[1].split()))
-  except OSError:
-    pass
-  return None
+  flags = host.cpu_flags(cpuinfo)
+  return None if flags is None else host.has_bf16_units(flags)
 
 
-def warn_if_bf16_is_emulated(dtype, cpuinfo: str = '/proc/cpuinfo') -> bool:
+def warn_if_bf16_is_emulated(dtype, cpuinfo: str = host.CPUINFO) -> bool:
   """Logs one warning when ``dtype`` is bfloat16 on a CPU host without bf16 units."""
   if (jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != 'cpu'
       or cpu_has_bf16_units(cpuinfo) is not False):
