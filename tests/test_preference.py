@@ -167,6 +167,21 @@ def test_reward_model_learns_the_rule_and_exports_a_scorer(colour_sft_run, tmp_p
   ids_out = loaded.signatures['score'](tokens=tf.constant(tokens),
                                        lengths=tf.constant(lengths))['reward'].numpy()
   np.testing.assert_allclose(ids_out, want, rtol=1e-5, atol=1e-5)
+  # An int8 scorer scores as its dequantised params, on its first call and
+  # from its float32 copies after.
+  from llm_jax.deploy import quantize  # pylint: disable=g-import-not-at-top
+  saved_model.export(str(tmp_path / 'rm'), str(tmp_path / 'export8'), quantize='int8',
+                     platforms=('cpu',), batch_buckets=(2,), text_signature=False,
+                     log=lambda *_: None)
+  int8 = tf.saved_model.load(str(tmp_path / 'export8'))
+  deq = quantize.unflatten_params(*quantize.flatten_params(run.params, 'int8'))
+  want8 = np.asarray(jax.jit(lambda p, t, n: nnx.merge(run.graphdef, p).score(t, n - 1))(
+      deq, tokens, lengths))
+  for _ in range(2):
+    got8 = int8.signatures['score'](tokens=tf.constant(tokens),
+                                    lengths=tf.constant(lengths))['reward'].numpy()
+    np.testing.assert_allclose(got8, want8, rtol=1e-5, atol=1e-5)
+  assert int8.float_params_ready.numpy()
 
   heldout = colours.write_pairs(tmp_path / 'heldout.jsonl', n=64, seed=7)
   assert command_status(evaluate_cli.main, [f'--workdir={tmp_path / "rm"}',

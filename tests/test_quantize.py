@@ -1,5 +1,6 @@
 """Weight-only quantization (llm_jax/deploy/quantize.py): int4 packing, error bounds, sizes."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -89,3 +90,24 @@ def test_int4_needs_an_even_group():
   for group in (0, 7):
     with pytest.raises(UserError, match=f'--group_size={group}: int4 packs two'):
       quantize.flatten_params(tree, 'int4', group)
+
+
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+def test_expand_lays_out_the_dequantised_leaves_as_a_float32_export_stores_them(fmt):
+  """What a served quantized export fills its float32 copies with (deploy.saved_model)."""
+  tree, _ = _params()
+  matrices = {'blocks/0/attn/q/kernel': 1, 'blocks/0/attn/o/kernel': 2}
+  specs, arrays, treedef = quantize.flatten_params(tree, fmt, 16, matrices=matrices)
+  float_specs, values = quantize.expand(specs, arrays, matrices)
+  want_specs, want = quantize.flatten_params(
+      quantize.dequantized(tree, fmt, 16), 'none', matrices=matrices)[:2]
+  assert float_specs == want_specs
+  assert [v.shape for v in values] == [w.shape for w in want]
+  assert values[[s.name for s in specs].index('blocks/0/attn/q/kernel')].shape == (64, 64)
+  for got, ref in zip(values, want):
+    np.testing.assert_array_equal(np.asarray(got), ref)
+  # Both rebuild the same params.
+  again = quantize.unflatten_params(float_specs, values, treedef)
+  for got, ref in zip(jax.tree.leaves(again), jax.tree.leaves(
+      quantize.unflatten_params(specs, arrays, treedef))):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

@@ -155,9 +155,7 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
     axes = _reduce_axes(name, value.ndim) if quantize != 'none' else None
     if axes is None:
       specs.append(Leaf(name, value.shape, None))
-      if matrices and name in matrices and value.ndim > 2:
-        value = value.reshape(math.prod(value.shape[:matrices[name]]), -1)
-      arrays.append(value)
+      arrays.append(_as_stored(name, value, matrices))
     elif quantize == 'int8' or (_is_embedding(name) and not int4_embeddings):
       specs.append(Leaf(name, value.shape, axes))
       arrays.extend(quantize_int8(value, axes))
@@ -168,19 +166,43 @@ def flatten_params(params, quantize: str, group_size: int = DEFAULT_GROUP,
   return specs, arrays, treedef
 
 
-def unflatten_params(specs: Sequence[Leaf], arrays, treedef):
-  """Rebuilds float32 params (dequantising int8/int4 leaves; works on jax arrays)."""
+def _as_stored(name: str, value, matrices: Mapping[str, int] | None):
+  """A float32 leaf as ``flatten_params`` stores it: 2-D if one of ``matrices``."""
+  if matrices and name in matrices and value.ndim > 2:
+    return value.reshape(math.prod(value.shape[:matrices[name]]), -1)
+  return value
+
+
+def _float_leaves(specs: Sequence[Leaf], arrays):
+  """Each leaf of ``specs`` as float32 in its own shape (int8/int4 dequantised)."""
   it = iter(arrays)
-  leaves = []
   for spec in specs:
     if spec.reduce_axes is None:
-      leaves.append(next(it).reshape(spec.shape))  # A no-op unless stored 2-D.
+      yield next(it).reshape(spec.shape)  # A no-op unless stored 2-D.
     elif spec.bits == 4:
-      leaves.append(dequantize_int4(next(it), next(it), spec))
+      yield dequantize_int4(next(it), next(it), spec)
     else:
       q, scale = next(it), next(it)
-      leaves.append(q.astype(jnp.float32) * scale)
-  return treedef.unflatten(leaves)
+      yield q.astype(jnp.float32) * scale
+
+
+def unflatten_params(specs: Sequence[Leaf], arrays, treedef):
+  """Rebuilds float32 params (dequantising int8/int4 leaves; works on jax arrays)."""
+  return treedef.unflatten(list(_float_leaves(specs, arrays)))
+
+
+def expand(specs: Sequence[Leaf], arrays, matrices: Mapping[str, int] | None = None
+           ) -> tuple[list[Leaf], list]:
+  """(float32 specs, arrays): stored leaves dequantised, laid out as float32 stores them.
+
+  What a quantized export holds in memory once it has served a request: the
+  same leaves ``flatten_params(params, 'none', matrices=matrices)`` gives for
+  the dequantised params, so ``unflatten_params`` rebuilds the same params
+  from either (works on jax arrays).
+  """
+  float_specs = [Leaf(s.name, s.shape, None) for s in specs]
+  values = [_as_stored(s.name, v, matrices) for s, v in zip(specs, _float_leaves(specs, arrays))]
+  return float_specs, values
 
 
 def dequantized(params, quantize: str, group_size: int = DEFAULT_GROUP,

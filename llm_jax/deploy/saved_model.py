@@ -67,6 +67,7 @@ import time
 from collections.abc import Sequence
 
 from flax import nnx
+import jax
 from jax.experimental import jax2tf
 import numpy as np
 
@@ -98,13 +99,77 @@ def default_prompt_buckets(max_len: int) -> list[int]:
 # ---- The TF module.
 
 
+class ServedParams:
+  """The parameter variables of an export and the float32 leaves its signatures run on.
+
+  A float32 export stores the leaves the signatures run on. A quantized one
+  stores int8/int4 leaves (``module.params``) and, beside them, float32
+  variables that start empty (``module.float_params``, nothing on disk):
+  the first call of any signature dequantises the stored leaves into them,
+  then sets ``module.float_params_ready``, and every later call reads them.
+  Dequantising on every call made a quantized ``decode_step`` 2.9x slower
+  than float32's on configs/gpt2_small_cpu.py (docs/compression.md); the
+  cost is memory: a served quantized model holds its float32 leaves too.
+  Two first calls at once both fill the copies, with the same values.
+  """
+
+  def __init__(self, module: tf.Module, specs, arrays, platforms: Sequence[str],
+               matrices=None):
+    module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
+                     for i, a in enumerate(arrays)]
+    self._module = module
+    self.quantized = any(s.reduce_axes is not None for s in specs)
+    if not self.quantized:
+      self.specs = list(specs)
+      return
+    expand = lambda flat: quantize_lib.expand(specs, flat, matrices)[1]
+    self.specs = quantize_lib.expand(specs, arrays, matrices)[0]
+    module.float_params = [
+        tf.Variable(tf.zeros([0], tf.float32), shape=tf.TensorShape(None),
+                    trainable=False, name=f'float_param_{i}')
+        for i in range(len(self.specs))]
+    module.float_params_ready = tf.Variable(False, trainable=False,
+                                            name='float_params_ready')
+    expand_tf = jax2tf.convert(expand, with_gradient=False,
+                               native_serialization_platforms=tuple(platforms))
+
+    @tf.function(autograph=False, input_signature=[])
+    def fill():
+      values = expand_tf(list(module.params))
+      with tf.control_dependencies([v.assign(x, read_value=False)
+                                    for v, x in zip(module.float_params, values)]):
+        # Set only once every copy holds its values: a call that sees it reads them.
+        done = module.float_params_ready.assign(True, read_value=False)
+      with tf.control_dependencies([done]):
+        return tf.constant(True)
+
+    # One function every signature calls: the SavedModel holds its graph once.
+    module.fill_float_params = fill
+    self._shapes = [v.shape for v in jax.eval_shape(expand, arrays)]
+
+  def read(self) -> list:
+    """The float32 leaves (inside a tf.function), filled on the first call."""
+    m = self._module
+    if not self.quantized:
+      return list(m.params)
+    # The reads wait for the copies to be filled; a filled one costs one flag read.
+    filled = tf.cond(m.float_params_ready.read_value(), lambda: tf.constant(True),
+                     m.fill_float_params)
+    with tf.control_dependencies([filled]):
+      return [tf.ensure_shape(v.read_value(), shape)
+              for v, shape in zip(m.float_params, self._shapes)]
+
+
 def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
                   platforms: Sequence[str], prompt_buckets: Sequence[int],
-                  tokenizer_path: str | None):
+                  tokenizer_path: str | None, matrices=None):
   """A tf.Module with the parameter variables and both signature functions."""
 
   cfg = run.model_cfg
   pad_id = decode.pad_id_of(run)
+  module = tf.Module()
+  served = ServedParams(module, specs, arrays, platforms, matrices)
+  specs = served.specs
 
   def jax_fn(flat, tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
     params = quantize_lib.unflatten_params(specs, flat, treedef)
@@ -116,9 +181,6 @@ def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
       jax_fn, with_gradient=False, native_serialization_platforms=tuple(platforms),
       polymorphic_shapes=[None, '(b, p)', '(b,)', '()', '()', '()', '()', '()'])
 
-  module = tf.Module()
-  module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
-                   for i, a in enumerate(arrays)]
   scalar_specs = [tf.TensorSpec([], getattr(tf, dt), name=n) for n, dt in SCALARS]
 
   def checked_generate(tokens, lengths, *scalars):
@@ -140,7 +202,7 @@ def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
     ]
     with tf.control_dependencies(checks):
       tokens = tf.identity(tokens)
-    out, counts = tf_fn(list(module.params), tokens, lengths, *scalars)
+    out, counts = tf_fn(served.read(), tokens, lengths, *scalars)
     out.set_shape([None, width])
     return out, counts
 
@@ -156,7 +218,7 @@ def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
   module.serve = serve
   signatures = {'serving_default': serve}
   module.tokenizer_files = tokenizer_assets(run)
-  module.steps = _step_functions(run, specs, treedef, module.params, platforms)
+  module.steps = _step_functions(run, specs, treedef, served, platforms)
   signatures.update(module.steps)
   if tokenizer_path is not None:
     module.tokenizer_model = tf.saved_model.Asset(tokenizer_path)
@@ -198,7 +260,7 @@ def _converted_steps(run, specs, treedef, platforms):
       convert(lambda flat, t: decode.score(params(flat), t, graphdef=graphdef), ['(b, t)']))
 
 
-def _step_functions(run, specs, treedef, variables, platforms) -> dict:
+def _step_functions(run, specs, treedef, served: ServedParams, platforms) -> dict:
   """The ``prefill``, ``decode_step`` and ``score`` signature functions."""
   cfg = run.model_cfg
   cache = cache_info(cfg)
@@ -224,7 +286,7 @@ def _step_functions(run, specs, treedef, variables, platforms) -> dict:
         tf.debugging.assert_less(lengths, cfg.max_len, message=(
             f'prompt longer than the model context: lengths must be below '
             f'max_len={cfg.max_len} (room for one new token)'))], tokens)
-    return prefill_tf(list(variables), tokens, lengths, *sampling)
+    return prefill_tf(served.read(), tokens, lengths, *sampling)
 
   @tf.function(autograph=False, input_signature=[
       tf.TensorSpec([None, cache['layers'], 2, cache['slots'], cache['kv_heads'],
@@ -235,7 +297,7 @@ def _step_functions(run, specs, treedef, variables, platforms) -> dict:
         tf.debugging.assert_greater_equal(positions, 0, message='positions must be >= 0'),
         tf.debugging.assert_less(positions, cfg.max_len, message=(
             f'positions must be below max_len={cfg.max_len}'))], tokens)
-    return step_tf(list(variables), cache_in, tokens, positions, step, *sampling)
+    return step_tf(served.read(), cache_in, tokens, positions, step, *sampling)
 
   @tf.function(autograph=False, input_signature=[
       tf.TensorSpec([None, None], tf.int32, name='tokens')])
@@ -243,7 +305,7 @@ def _step_functions(run, specs, treedef, variables, platforms) -> dict:
     tokens = checked(in_vocab(tokens) + [tf.debugging.assert_less_equal(
         tf.shape(tokens)[1], cfg.max_len, message=(
             f'more tokens than the model context max_len={cfg.max_len}'))], tokens)
-    return score_tf(list(variables), tokens)
+    return score_tf(served.read(), tokens)
 
   return {'prefill': prefill, 'decode_step': decode_step, 'score': score}
 
@@ -377,16 +439,16 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   width = max(1, min(max_new_tokens, cfg.max_len - 1))
   prompt_buckets = sorted(prompt_buckets or default_prompt_buckets(cfg.max_len))
   t0 = time.time()
+  matrices = decode.kernel_matrices(run.graphdef, run.params)
   specs, arrays, treedef = quantize_lib.flatten_params(
-      run.params, quantize, group_size, int4_embeddings,
-      matrices=decode.kernel_matrices(run.graphdef, run.params))
+      run.params, quantize, group_size, int4_embeddings, matrices=matrices)
   tokenizer_path = (os.path.join(run.workdir, workdir_lib.TOKENIZER_FILE)
                     if run.tokenizer is not None and run.tokenizer.kind == 'sentencepiece'
                     and text_signature else None)
   stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
   module, signatures = _build_module(
       run, specs, arrays, treedef, width=width, platforms=platforms, stop_ids=stop_ids,
-      prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path)
+      prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path, matrices=matrices)
 
   with files.atomic_dir(out, overwrite=overwrite, marker=EXPORT_MARKER, **guard) as tmp:
     tf.saved_model.save(module, tmp, signatures=signatures)
@@ -409,6 +471,9 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
         'param_bytes': int(sum(a.nbytes for a in arrays)),
         'param_bytes_float32': int(sum(4 * int(np.prod(s.shape)) for s in specs)),
     }
+    # A quantized export also holds float32 copies once it has served a call.
+    info['served_param_bytes'] = info['param_bytes'] + (
+        info['param_bytes_float32'] if quantize != 'none' else 0)
     extra = os.path.join(tmp, 'assets.extra')
     os.makedirs(extra, exist_ok=True)
     fill = run.tokenizer.unk_id if run.tokenizer is not None else 0
@@ -445,7 +510,7 @@ SCORE_SIGNATURE = 'score'
 SCORE_TEXT_SIGNATURE = 'score_text'
 
 
-def _score_function(run, specs, treedef, module, platforms):
+def _score_function(run, specs, treedef, served: ServedParams, platforms):
   """The checked ids-in, rewards-out function over the module's variables.
 
   Rows are padded to the model's context before the converted function, so
@@ -479,7 +544,7 @@ def _score_function(run, specs, treedef, module, platforms):
     with tf.control_dependencies(checks):
       tokens = tf.pad(tokens, [[0, 0], [0, cfg.max_len - width]])
     tokens = tf.ensure_shape(tokens, [None, cfg.max_len])
-    return tf_fn(list(module.params), tokens, lengths)
+    return tf_fn(served.read(), tokens, lengths)
 
   return checked_score
 
@@ -513,9 +578,8 @@ def _export_scorer(run, out, *, quantize, batch_buckets, platforms, overwrite, g
   t0 = time.time()
   specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
   module = tf.Module()
-  module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
-                   for i, a in enumerate(arrays)]
-  checked_score = _score_function(run, specs, treedef, module, platforms)
+  served = ServedParams(module, specs, arrays, platforms)
+  checked_score = _score_function(run, served.specs, treedef, served, platforms)
 
   @tf.function(autograph=False,
                input_signature=[tf.TensorSpec([None, None], tf.int32, name='tokens'),
