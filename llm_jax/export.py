@@ -36,6 +36,11 @@ flags.DEFINE_integer('group_size', 64, 'With --quantize=int4: inputs per scale '
 flags.DEFINE_bool('int4_embeddings', False, 'With --quantize=int4: the embedding '
                   'tables and LM head in int4 too (default int8: they cost most of '
                   "int4's perplexity loss).", flag_values=FLAGS)
+flags.DEFINE_enum('dequantize', 'once', list(saved_model.DEQUANTIZE),
+                  'With --quantize: once (the first call fills float32 copies of the '
+                  'weights that every call reads: as fast as float32, with float32 '
+                  "memory on top of the stored weights) or every_call (no copies: "
+                  'least memory, 3x slower per token on CPU).', flag_values=FLAGS)
 flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most new tokens a '
                      'request can get (capped at the context).', lower_bound=1,
                      flag_values=FLAGS)
@@ -77,7 +82,8 @@ def _main() -> dict:
       batch_buckets=_ints('batch_buckets', FLAGS.batch_buckets),
       prompt_buckets=_ints('prompt_buckets', FLAGS.prompt_buckets) or None,
       platforms=FLAGS.platforms, overwrite=FLAGS.overwrite,
-      text_signature=FLAGS.text_signature, eval_batches=FLAGS.eval_batches)
+      text_signature=FLAGS.text_signature, eval_batches=FLAGS.eval_batches,
+      dequantize=FLAGS.dequantize)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -275,6 +275,7 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
   assert all(tf.size(v).numpy() == 0 for v in loaded.float_params)
   np.testing.assert_array_equal(generate(), np.asarray(want[0]))
   assert loaded.float_params_ready.numpy()
+  assert info['dequantize'] == 'once'
   assert (sum(4 * int(tf.size(v)) for v in loaded.float_params)
           == info['param_bytes_float32'] == info['served_param_bytes'] - info['param_bytes'])
   # Later calls read the copies, not the stored int8 leaves: with those zeroed
@@ -300,9 +301,12 @@ def test_int8_export_is_smaller_and_close(exported, tmp_path):
 def test_int4_export_is_smaller_and_answers_like_its_jax_twin(exported, tmp_path):
   run, out = exported
   q_out = str(tmp_path / 'int4')
+  # every_call: no float32 copies (the int8 test covers the default, once).
   info = export.export(run.workdir, q_out, quantize='int4', group_size=32,
                        max_new_tokens=WIDTH, platforms=('cpu',), batch_buckets=(1,),
-                       eval_batches=2, log=lambda *_: None)
+                       eval_batches=2, dequantize='every_call', log=lambda *_: None)
+  assert info['dequantize'] == 'every_call'
+  assert info['served_param_bytes'] == info['param_bytes']
   # Blocks: 4 bits a weight plus a float32 scale per 32; the embedding and
   # LM head (57% of this tiny model) int8; norms float32.
   assert info['param_bytes'] < 0.23 * info['param_bytes_float32']
@@ -327,6 +331,7 @@ def test_int4_export_is_smaller_and_answers_like_its_jax_twin(exported, tmp_path
   np.testing.assert_array_equal(got['tokens'].numpy(), np.asarray(want[0]))
   np.testing.assert_array_equal(got['counts'].numpy(), np.asarray(want[1]))
   assert any(v.dtype == tf.uint8 for v in loaded.params)  # Packed nibbles.
+  assert not hasattr(loaded, 'float_params')
 
 
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):

@@ -367,3 +367,32 @@ def test_sigterm_finishes_the_stream_in_flight_and_exits_0(go_build, export_dir)
     code, err = _stop(proc)
   assert code == 0, err[-3000:]
   assert 'stopped' in err
+
+
+def test_an_int8_export_serves_the_tokens_of_its_dequantised_weights(
+    go_build, exported_tiny_run, tmp_path):
+  # The server calls prefill and decode_step per token: the first fills the
+  # export's float32 copies (--dequantize=once), later ones read them.
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from llm_jax.deploy import quantize, saved_model  # pylint: disable=g-import-not-at-top
+  run, _, _ = exported_tiny_run
+  out = str(tmp_path / 'int8')
+  saved_model.export(run.workdir, out, quantize='int8', max_new_tokens=WIDTH,
+                     batch_buckets=(1,), platforms=('cpu',), eval_batches=0,
+                     log=lambda *_: None)
+  specs, arrays, treedef = quantize.flatten_params(run.params, 'int8')
+  deq = dataclasses.replace(run, params=quantize.unflatten_params(specs, arrays, treedef))
+  prompts = ['def main(', 'import os\nclass Thing:', 'for i in range(']
+  proc, addr = _start(go_build, out, '-max_batch', '4')
+  try:
+    c = openai.OpenAI(base_url=f'http://{addr}/v1', api_key='none', max_retries=0,
+                      timeout=120)
+    for _ in range(2):  # Filling, then filled.
+      got = c.completions.create(model=NAME, prompt=prompts, max_tokens=12, temperature=0)
+      ids = [run.tokenizer.encode(p) for p in prompts]
+      want, counts = decode.generate_for_run(deq, ids, max_new_tokens=12, width=12)
+      assert [ch.text for ch in got.choices] == [
+          run.tokenizer.decode(w[:n].tolist()) for w, n in zip(want, counts)]
+  finally:
+    code, err = _stop(proc)
+  assert code == 0, err[-3000:]

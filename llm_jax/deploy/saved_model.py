@@ -91,6 +91,11 @@ INFO_FILE = 'llm_jax_export.json'
 EXPORT_MARKER = os.path.join('assets.extra', INFO_FILE)
 
 
+# --dequantize: 'once' keeps float32 copies filled by the first call (fast, the
+# float32 memory too); 'every_call' dequantises inside every call (least memory).
+DEQUANTIZE = ('once', 'every_call')
+
+
 def default_prompt_buckets(max_len: int) -> list[int]:
   """16, 32, 64, ... below the context, then the context itself."""
   return decode.prompt_buckets(max_len)
@@ -111,14 +116,16 @@ class ServedParams:
   than float32's on configs/gpt2_small_cpu.py (docs/compression.md); the
   cost is memory: a served quantized model holds its float32 leaves too.
   Two first calls at once both fill the copies, with the same values.
+  With ``once=False`` (``--dequantize=every_call``) there are no copies: every
+  call dequantises the stored leaves, for servers short of memory.
   """
 
   def __init__(self, module: tf.Module, specs, arrays, platforms: Sequence[str],
-               matrices=None):
+               matrices=None, once: bool = True):
     module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
                      for i, a in enumerate(arrays)]
     self._module = module
-    self.quantized = any(s.reduce_axes is not None for s in specs)
+    self.quantized = once and any(s.reduce_axes is not None for s in specs)
     if not self.quantized:
       self.specs = list(specs)
       return
@@ -162,13 +169,13 @@ class ServedParams:
 
 def _build_module(run, specs, arrays, treedef, *, width: int, stop_ids,
                   platforms: Sequence[str], prompt_buckets: Sequence[int],
-                  tokenizer_path: str | None, matrices=None):
+                  tokenizer_path: str | None, matrices=None, once: bool = True):
   """A tf.Module with the parameter variables and both signature functions."""
 
   cfg = run.model_cfg
   pad_id = decode.pad_id_of(run)
   module = tf.Module()
-  served = ServedParams(module, specs, arrays, platforms, matrices)
+  served = ServedParams(module, specs, arrays, platforms, matrices, once)
   specs = served.specs
 
   def jax_fn(flat, tokens, lengths, max_new_tokens, temperature, top_k, top_p, seed):
@@ -394,7 +401,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
            prompt_buckets: Sequence[int] | None = None,
            platforms: Sequence[str] = PLATFORMS, overwrite: bool = False,
            eval_batches: int = 8, text_signature: bool = True,
-           stop_ids: Sequence[int] | None = None, log=print) -> dict:
+           stop_ids: Sequence[int] | None = None, dequantize: str = 'once',
+           log=print) -> dict:
   """Writes the SavedModel of a run to ``out`` (whole or not at all).
 
   Args (besides the CLI's flags):
@@ -420,13 +428,16 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   bad = [p for p in platforms if p not in PLATFORMS]
   if bad:
     raise UserError(f'--platforms has {bad[0]!r}; choose from {", ".join(PLATFORMS)}.')
+  if dequantize not in DEQUANTIZE:
+    raise UserError(f'--dequantize={dequantize!r}; choose from {", ".join(DEQUANTIZE)}.')
+  once = dequantize == 'once'
   run = workdir_lib.load(workdir, step)
   # The oneMKL matmul is a custom call local to this machine: exports use XLA's dot.
   run = dataclasses.replace(run, graphdef=model_lib.with_xla_matmuls(run.graphdef, run.params),
                             model_cfg=dataclasses.replace(run.model_cfg, cpu_matmul='xla'))
   if objectives.objective_of(run.config) == 'reward':
     return _export_scorer(run, out, quantize=quantize, batch_buckets=batch_buckets,
-                          platforms=platforms, overwrite=overwrite, guard=guard,
+                          platforms=platforms, overwrite=overwrite, guard=guard, once=once,
                           text_signature=text_signature, log=log)
   cfg = run.model_cfg
   if cfg.head != 'lm':  # An encoder's task head: classify / answer signatures.
@@ -448,7 +459,8 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
   stop_ids = tuple(decode.stop_ids(run) if stop_ids is None else stop_ids)
   module, signatures = _build_module(
       run, specs, arrays, treedef, width=width, platforms=platforms, stop_ids=stop_ids,
-      prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path, matrices=matrices)
+      prompt_buckets=prompt_buckets, tokenizer_path=tokenizer_path, matrices=matrices,
+      once=once)
 
   with files.atomic_dir(out, overwrite=overwrite, marker=EXPORT_MARKER, **guard) as tmp:
     tf.saved_model.save(module, tmp, signatures=signatures)
@@ -472,8 +484,10 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
         'param_bytes_float32': int(sum(4 * int(np.prod(s.shape)) for s in specs)),
     }
     # A quantized export also holds float32 copies once it has served a call.
+    if quantize != 'none':
+      info['dequantize'] = dequantize
     info['served_param_bytes'] = info['param_bytes'] + (
-        info['param_bytes_float32'] if quantize != 'none' else 0)
+        info['param_bytes_float32'] if quantize != 'none' and once else 0)
     extra = os.path.join(tmp, 'assets.extra')
     os.makedirs(extra, exist_ok=True)
     fill = run.tokenizer.unk_id if run.tokenizer is not None else 0
@@ -573,12 +587,12 @@ def _score_text_function(run, tokenizer_path, checked_score):
 
 
 def _export_scorer(run, out, *, quantize, batch_buckets, platforms, overwrite, guard,
-                   text_signature, log) -> dict:
+                   text_signature, log, once=True) -> dict:
   """Writes a reward model's ``score`` (and ``score_text``) SavedModel."""
   t0 = time.time()
   specs, arrays, treedef = quantize_lib.flatten_params(run.params, quantize)
   module = tf.Module()
-  served = ServedParams(module, specs, arrays, platforms)
+  served = ServedParams(module, specs, arrays, platforms, once=once)
   checked_score = _score_function(run, served.specs, treedef, served, platforms)
 
   @tf.function(autograph=False,
