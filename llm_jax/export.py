@@ -38,9 +38,9 @@ flags.DEFINE_bool('int4_embeddings', False, 'With --quantize=int4: the embedding
                   "int4's perplexity loss).", flag_values=FLAGS)
 flags.DEFINE_enum('dequantize', 'once', list(saved_model.DEQUANTIZE),
                   'With --quantize: once (the first call fills float32 copies of the '
-                  'weights that every call reads: as fast as float32, with float32 '
-                  "memory on top of the stored weights) or every_call (no copies: "
-                  'least memory, 3x slower per token on CPU).', flag_values=FLAGS)
+                  'weights that every call reads and frees the stored ones: as fast '
+                  'as float32, and as much memory) or every_call (no copies: least '
+                  'memory, 3.5x slower per token on CPU).', flag_values=FLAGS)
 flags.DEFINE_integer('max_new_tokens', 128, 'Output width W: the most new tokens a '
                      'request can get (capped at the context).', lower_bound=1,
                      flag_values=FLAGS)

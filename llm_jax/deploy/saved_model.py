@@ -109,23 +109,26 @@ class ServedParams:
 
   A float32 export stores the leaves the signatures run on. A quantized one
   stores int8/int4 leaves (``module.params``) and, beside them, float32
-  variables that start empty (``module.float_params``, nothing on disk):
-  the first call of any signature dequantises the stored leaves into them,
-  then sets ``module.float_params_ready``, and every later call reads them.
-  Dequantising on every call made a quantized ``decode_step`` 2.9x slower
-  than float32's on configs/gpt2_small_cpu.py (docs/compression.md); the
-  cost is memory: a served quantized model holds its float32 leaves too.
-  Two first calls at once both fill the copies, with the same values.
+  variables that start empty (``module.float_params``, nothing on disk).
+  The first call of any signature dequantises the stored leaves into them,
+  empties the stored ones and sets ``module.float_params_ready``; every
+  later call reads the copies. Dequantising on every call made a quantized
+  ``decode_step`` 3.5x slower than float32's on configs/gpt2_small_cpu.py
+  (docs/compression.md#speed). A served model then holds what a float32 one
+  does (both during the first call). The first call runs under a lock, so
+  concurrent first calls fill once and the others wait for it.
   With ``once=False`` (``--dequantize=every_call``) there are no copies: every
   call dequantises the stored leaves, for servers short of memory.
   """
 
   def __init__(self, module: tf.Module, specs, arrays, platforms: Sequence[str],
                matrices=None, once: bool = True):
-    module.params = [tf.Variable(a, trainable=False, name=f'param_{i}')
-                     for i, a in enumerate(arrays)]
     self._module = module
     self.quantized = once and any(s.reduce_axes is not None for s in specs)
+    # A quantized export's stored leaves are emptied once copied: any shape.
+    shape = lambda a: tf.TensorShape(None) if self.quantized else a.shape
+    module.params = [tf.Variable(a, shape=shape(a), trainable=False, name=f'param_{i}')
+                     for i, a in enumerate(arrays)]
     if not self.quantized:
       self.specs = list(specs)
       return
@@ -139,16 +142,35 @@ class ServedParams:
                                             name='float_params_ready')
     expand_tf = jax2tf.convert(expand, with_gradient=False,
                                native_serialization_platforms=tuple(platforms))
+    stored = [a.shape for a in arrays]
 
-    @tf.function(autograph=False, input_signature=[])
-    def fill():
-      values = expand_tf(list(module.params))
+    def copy():
+      values = expand_tf([tf.ensure_shape(v.read_value(), s)
+                          for v, s in zip(module.params, stored)])
       with tf.control_dependencies([v.assign(x, read_value=False)
                                     for v, x in zip(module.float_params, values)]):
+        emptied = [v.assign(tf.zeros([0], v.dtype), read_value=False)
+                   for v in module.params]
+      with tf.control_dependencies(emptied):
         # Set only once every copy holds its values: a call that sees it reads them.
         done = module.float_params_ready.assign(True, read_value=False)
       with tf.control_dependencies([done]):
         return tf.constant(True)
+
+    @tf.function(autograph=False, input_signature=[])
+    def fill():
+      # A mutex created by name in the graph (a Python-made one would not be
+      # saved); it is released when the lock is consumed, after the fill.
+      lock = tf.raw_ops.MutexLock(mutex=tf.raw_ops.MutexV2(
+          container='', shared_name='llm_jax_fill_float_params'))
+      with tf.control_dependencies([lock]):
+        # A call that waited for another call's fill finds the copies ready.
+        out = tf.cond(module.float_params_ready.read_value(),
+                      lambda: tf.constant(True), copy)
+      with tf.control_dependencies([out]):
+        release = tf.raw_ops.ConsumeMutexLock(mutex_lock=lock)
+      with tf.control_dependencies([release]):
+        return tf.identity(out)
 
     # One function every signature calls: the SavedModel holds its graph once.
     module.fill_float_params = fill
@@ -483,11 +505,11 @@ def export(workdir: str, out: str, *, step: int | None = None, quantize: str = '
         'param_bytes': int(sum(a.nbytes for a in arrays)),
         'param_bytes_float32': int(sum(4 * int(np.prod(s.shape)) for s in specs)),
     }
-    # A quantized export also holds float32 copies once it has served a call.
+    # A quantized export served with copies holds float32 leaves, not its own.
     if quantize != 'none':
       info['dequantize'] = dequantize
-    info['served_param_bytes'] = info['param_bytes'] + (
-        info['param_bytes_float32'] if quantize != 'none' and once else 0)
+    info['served_param_bytes'] = info[
+        'param_bytes_float32' if quantize != 'none' and once else 'param_bytes']
     extra = os.path.join(tmp, 'assets.extra')
     os.makedirs(extra, exist_ok=True)
     fill = run.tokenizer.unk_id if run.tokenizer is not None else 0
