@@ -55,7 +55,8 @@ or lengths and tokens that disagree on the batch.
 compiles once inside ``XlaCallModule``. ``assets.extra/llm_jax_export.json``
 records the export (signatures, buckets, sizes; for a quantized export the
 parameter bytes and validation perplexity of float32, int8 and int4 side by
-side, ``formats``).
+side, ``formats``). A quantized export dequantizes its weights on its first
+call, or on every call with ``--dequantize=every_call`` (``ServedParams``).
 
 The export is written to a temporary directory beside ``--out`` and renamed
 into place: a failed export leaves nothing that looks complete.
