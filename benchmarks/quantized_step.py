@@ -68,7 +68,6 @@ def _calls(sigs, cfg) -> dict:
 
 def main(run_dir: str, rounds: int, calls: int) -> None:
   run = workdir_lib.load(run_dir)
-  print(f'llm_jax from {os.path.dirname(saved_model.__file__)}')
   first, engines, info = {}, {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for kind, quantize, dequantize in KINDS:

@@ -200,9 +200,13 @@ def expand(specs: Sequence[Leaf], arrays, matrices: Mapping[str, int] | None = N
   the dequantised params, so ``unflatten_params`` rebuilds the same params
   from either (works on jax arrays).
   """
-  float_specs = [Leaf(s.name, s.shape, None) for s in specs]
   values = [_as_stored(s.name, v, matrices) for s, v in zip(specs, _float_leaves(specs, arrays))]
-  return float_specs, values
+  return float_specs(specs), values
+
+
+def float_specs(specs: Sequence[Leaf]) -> list[Leaf]:
+  """The specs of ``expand``'s leaves (without computing them)."""
+  return [Leaf(s.name, s.shape, None) for s in specs]
 
 
 def dequantized(params, quantize: str, group_size: int = DEFAULT_GROUP,

@@ -134,7 +134,7 @@ class ServedParams:
       self.specs = list(specs)
       return
     expand = lambda flat: quantize_lib.expand(specs, flat, matrices)[1]
-    self.specs = quantize_lib.expand(specs, arrays, matrices)[0]
+    self.specs = quantize_lib.float_specs(specs)
     module.float_params = [
         tf.Variable(tf.zeros([0], tf.float32), shape=tf.TensorShape(None),
                     trainable=False, name=f'float_param_{i}')
