@@ -25,9 +25,10 @@ def _operands(dtype, m=48, k=40, n=24):
           jax.random.normal(k2, (k, n)).astype(dtype))
 
 
-def _loss_and_grads(backend, x, w):
+def _loss_and_grads(backend, x, w, transpose_w=False):
   def loss(x, w):
-    y = cpu_matmul.matmul(x, w, backend=backend, preferred_element_type=jnp.float32)
+    y = cpu_matmul.matmul(x, w, backend=backend, preferred_element_type=jnp.float32,
+                          transpose_w=transpose_w)
     # A nonlinear loss: each output gets a different cotangent.
     return jnp.sum(jnp.sin(y))
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
@@ -43,14 +44,26 @@ def _custom_calls(fn, *args) -> int:
 
 
 @needs_mkl
+@pytest.mark.parametrize('transpose_w', [False, True])
 @pytest.mark.parametrize('dtype, tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_forward_and_gradients_equal_xla(dtype, tol):
+def test_forward_and_gradients_equal_xla(dtype, tol, transpose_w):
   x, w = _operands(dtype)
-  assert _custom_calls(lambda a, b: cpu_matmul.matmul(a, b, backend='mkl'), x, w) == 1
-  got_y = cpu_matmul.matmul(x, w, backend='mkl', preferred_element_type=jnp.float32)
-  want_y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+  if transpose_w:  # w given as [N, K], as the tied LM head passes its table.
+    w = w.T.copy()
+  fn = lambda a, b: cpu_matmul.matmul(a, b, backend='mkl', transpose_w=transpose_w)
+  assert _custom_calls(fn, x, w) == 1
+  # The transposed operand is read in place: the call takes the parameters
+  # themselves, no transposed copy (a fusion, copy or transpose) before it.
+  f32 = lambda a, b: cpu_matmul.matmul(a, b, backend='mkl', transpose_w=transpose_w,  # noqa: E731
+                                       preferred_element_type=jnp.float32)
+  entry = jax.jit(f32).lower(x, w).compile().as_text().split('ENTRY')[1]
+  assert not any(op in entry for op in (' fusion(', ' copy(', ' transpose(')), entry
+  got_y = cpu_matmul.matmul(x, w, backend='mkl', preferred_element_type=jnp.float32,
+                            transpose_w=transpose_w)
+  want_y = jnp.dot(x, w.T if transpose_w else w, preferred_element_type=jnp.float32)
   assert _rel(got_y, want_y) < (1e-6 if dtype == jnp.float32 else 1e-3)
-  (got, got_g), (want, want_g) = (_loss_and_grads(b, x, w) for b in ('mkl', 'xla'))
+  (got, got_g), (want, want_g) = (_loss_and_grads(b, x, w, transpose_w)
+                                  for b in ('mkl', 'xla'))
   assert abs(float(got) - float(want)) <= tol * abs(float(want)) + 1e-4
   for g, r in zip(got_g, want_g):
     assert g.dtype == r.dtype == dtype
@@ -107,8 +120,12 @@ def test_bfloat16_train_step_losses_equal_xla():
 @pytest.mark.slow  # 10-25 s on 2 cores; runs in CI with the full suite.
 @needs_mkl
 def test_eight_device_mesh_gives_one_device_losses_on_local_shards():
-  want = _losses(_config('xla'), 1)[0]
-  got, _, _, _ = _losses(_config('mkl', data=2, fsdp=2, tensor=2), 8)
+  # Tied embeddings: the LM head multiplies by the vocab-split table's
+  # transpose in place (transpose_w), the other layers as Dense.
+  want_config, got_config = _config('xla'), _config('mkl', data=2, fsdp=2, tensor=2)
+  want_config.model.tie_embeddings = got_config.model.tie_embeddings = True
+  want = _losses(want_config, 1)[0]
+  got, _, _, _ = _losses(got_config, 8)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Data parallel: each device multiplies its own 64 rows of the 8 x 64 tokens.
   mesh = jax.make_mesh((8,), ('data',))

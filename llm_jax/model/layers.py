@@ -125,8 +125,8 @@ class Embed(nnx.Module):
     B, T, D = x_BTD.shape
     table_VD = self.table[...].astype(self.dtype)
     # Float32 straight out of the matmul, as for the untied head.
-    logits_MV = cpu_matmul.matmul(x_BTD.reshape(B * T, D), table_VD.T,
-                                  backend=self.cpu_matmul,
+    logits_MV = cpu_matmul.matmul(x_BTD.reshape(B * T, D), table_VD,
+                                  backend=self.cpu_matmul, transpose_w=True,
                                   preferred_element_type=jnp.float32)
     return logits_MV.reshape(B, T, -1)
 
