@@ -274,47 +274,32 @@ def _partitioned(tx: bool, tw: bool):
 # ---- The differentiable product.
 
 
-@jax.custom_vjp
-def _mkl_matmul(x, w):
-  return _partitioned(False, False)(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mkl_matmul(x, w, transpose_w: bool):
+  """``x @ w`` (``w``: ``[K, N]``) or ``x @ w.T`` (``transpose_w``, ``w``: ``[N, K]``)."""
+  return _partitioned(False, transpose_w)(x, w)
 
 
-def _fwd(x, w):
-  return _mkl_matmul(x, w), (x, w)
+def _fwd(x, w, transpose_w):
+  return _mkl_matmul(x, w, transpose_w), (x, w)
 
 
-def _bwd(res, g_MN):
-  x_MK, w_KN = res
+def _bwd(transpose_w, res, g_MN):
+  x_MK, w = res
   # bf16 operands: the float32 cotangent is rounded to bf16 for the product
   # (as torch.autocast does); where the layer's output was rounded to bf16
   # anyway (every Dense but the LM head) this loses nothing.
   g_MN = g_MN.astype(x_MK.dtype)
-  dx_MK = _partitioned(False, True)(g_MN, w_KN)
-  dw_KN = _partitioned(True, False)(x_MK, g_MN)
-  return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
+  if transpose_w:  # w_NK: dx = g . w, dw = g^T . x, both in w's own layout.
+    dx_MK = _partitioned(False, False)(g_MN, w)
+    dw = _partitioned(True, False)(g_MN, x_MK)
+  else:  # w_KN: dx = g . w^T, dw = x^T . g.
+    dx_MK = _partitioned(False, True)(g_MN, w)
+    dw = _partitioned(True, False)(x_MK, g_MN)
+  return dx_MK.astype(x_MK.dtype), dw.astype(w.dtype)
 
 
 _mkl_matmul.defvjp(_fwd, _bwd)
-
-
-@jax.custom_vjp
-def _mkl_matmul_nt(x, w):
-  return _partitioned(False, True)(x, w)
-
-
-def _fwd_nt(x, w):
-  return _mkl_matmul_nt(x, w), (x, w)
-
-
-def _bwd_nt(res, g_MN):
-  x_MK, w_NK = res
-  g_MN = g_MN.astype(x_MK.dtype)
-  dx_MK = _partitioned(False, False)(g_MN, w_NK)
-  dw_NK = _partitioned(True, False)(g_MN, x_MK)
-  return dx_MK.astype(x_MK.dtype), dw_NK.astype(w_NK.dtype)
-
-
-_mkl_matmul_nt.defvjp(_fwd_nt, _bwd_nt)
 
 
 # 'auto' leaves products of fewer rows to XLA's dot: a decoding step's
@@ -396,7 +381,7 @@ def matmul(x_MK: jax.Array, w_KN: jax.Array, *, backend: str = 'xla',
     return xla(x_MK, w_KN)
 
   def mkl(x, w):
-    return (_mkl_matmul_nt if transpose_w else _mkl_matmul)(x, w).astype(out_dtype)
+    return _mkl_matmul(x, w, transpose_w).astype(out_dtype)
 
   return jax.lax.platform_dependent(x_MK, w_KN, cpu=mkl, default=xla)
 
