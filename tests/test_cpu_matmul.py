@@ -50,16 +50,14 @@ def test_forward_and_gradients_equal_xla(dtype, tol, transpose_w):
   x, w = _operands(dtype)
   if transpose_w:  # w given as [N, K], as the tied LM head passes its table.
     w = w.T.copy()
-  fn = lambda a, b: cpu_matmul.matmul(a, b, backend='mkl', transpose_w=transpose_w)
-  assert _custom_calls(fn, x, w) == 1
-  # The transposed operand is read in place: the call takes the parameters
-  # themselves, no transposed copy (a fusion, copy or transpose) before it.
   f32 = lambda a, b: cpu_matmul.matmul(a, b, backend='mkl', transpose_w=transpose_w,  # noqa: E731
                                        preferred_element_type=jnp.float32)
+  assert _custom_calls(f32, x, w) == 1
+  # The transposed operand is read in place: the call takes the parameters
+  # themselves, no transposed copy (a fusion, copy or transpose) before it.
   entry = jax.jit(f32).lower(x, w).compile().as_text().split('ENTRY')[1]
   assert not any(op in entry for op in (' fusion(', ' copy(', ' transpose(')), entry
-  got_y = cpu_matmul.matmul(x, w, backend='mkl', preferred_element_type=jnp.float32,
-                            transpose_w=transpose_w)
+  got_y = f32(x, w)
   want_y = jnp.dot(x, w.T if transpose_w else w, preferred_element_type=jnp.float32)
   assert _rel(got_y, want_y) < (1e-6 if dtype == jnp.float32 else 1e-3)
   (got, got_g), (want, want_g) = (_loss_and_grads(b, x, w, transpose_w)
