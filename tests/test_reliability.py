@@ -23,6 +23,7 @@ from llm_jax import train
 from llm_jax.data import pipeline
 from llm_jax.core.errors import UserError
 from llm_jax.runs import workdir as workdir_lib
+from llm_jax.training import xla_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,6 +184,43 @@ def test_two_fresh_runs_give_identical_losses(tmp_path, tiny_config):
   a = train.run(tiny_config(train__steps=6), str(tmp_path / 'a'))
   b = train.run(tiny_config(train__steps=6), str(tmp_path / 'b'))
   assert a['loss_history'] == b['loss_history'] and len(a['loss_history']) == 6
+
+
+@pytest.mark.slow  # 40-50 s on 2 cores; runs in CI with the full suite.
+def test_compiled_steps_stay_in_their_own_run_and_a_restart_reuses_them(tmp_path, tiny_config):
+  """<workdir>/xla_cache: the run's own, even for a second run in the same process."""
+  hits = []
+
+  def listen(event, **_):
+    if event == '/jax/compilation_cache/cache_hits':
+      hits.append(event)
+
+  def entries(run):
+    return sorted(os.listdir(xla_cache.directory(str(tmp_path / run))))
+
+  before = jax.config.jax_compilation_cache_dir
+  threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # Tiny steps compile fast.
+  jax.monitoring.register_event_listener(listen)
+  try:
+    config = tiny_config(train__steps=4, train__compile_cache=True, train__num_samples=0)
+    config.train.stop_at = 2
+    train.run(config, str(tmp_path / 'a'))
+    first = entries('a')
+    assert [e for e in first if e.startswith('jit_train_step-')], first
+    # A second run in this process keeps its steps in its own directory.
+    train.run(tiny_config(train__steps=3, train__compile_cache=True, train__num_samples=0),
+              str(tmp_path / 'b'))
+    assert [e for e in entries('b') if e.startswith('jit_train_step-')], entries('b')
+    assert entries('a') == first
+    assert jax.config.jax_compilation_cache_dir == before  # The caller's cache is back.
+    hits.clear()
+    config.train.stop_at = 0
+    assert train.run(config, str(tmp_path / 'a'))['step'] == 4  # The restart...
+    assert hits and entries('a') == first  # ...compiled nothing new.
+  finally:
+    jax.monitoring.unregister_event_listener(listen)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', threshold)
 
 
 def make_checkpoints(tmp_path, tiny_config):

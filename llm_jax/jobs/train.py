@@ -10,6 +10,7 @@ which: it serves the train batches from any step and the fixed validation
 batches.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,7 +33,7 @@ from llm_jax.evaluation import encoder_tasks, tasks
 from llm_jax.inference import rollouts as rollouts_lib
 from llm_jax.runs import init_from as init_from_lib
 from llm_jax.runs import workdir as workdir_lib
-from llm_jax.training import checkpoint, loop, metrics, objectives, sharding, trainer
+from llm_jax.training import checkpoint, loop, metrics, objectives, sharding, trainer, xla_cache
 
 
 def _write_config(config, workdir: str) -> None:
@@ -83,7 +84,9 @@ def run(config, workdir: str | None = None, *,
   trainer.check_config(config)  # Bad values fail here, before anything is created.
   workdir = _make_workdir(workdir or os.path.join('runs', config.name))
   # One trainer per run directory: a second one would interleave checkpoints.
-  with workdir_lib.training_lock(workdir):
+  # Its compiled steps go to <workdir>/xla_cache; a restart reads them from there.
+  cache = xla_cache.scoped(workdir) if config.train.compile_cache else contextlib.nullcontext()
+  with workdir_lib.training_lock(workdir), cache:
     return _run_in(config, workdir, t0, on_eval)
 
 
@@ -93,9 +96,6 @@ def _run_in(config, workdir: str, t0: float, on_eval) -> dict:
   if config.init_from:
     init_from_lib.use_source_tokenizer(config)  # Before config.json records it.
   _write_config(config, workdir)
-  if config.train.compile_cache:
-    # Compiled steps persist across restarts: a resumed run starts sooner.
-    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'xla_cache'))
   inputs = _Inputs.prepare(config)
   data = inputs.data
   if inputs.is_task and config.model.head == 'classification':

@@ -1,0 +1,68 @@
+"""A run's compiled steps in ``<workdir>/xla_cache``: JAX's persistent cache, scoped to the run.
+
+A restarted run reads its train, eval and init steps from there instead of
+compiling them again. Two things about JAX's cache need care here:
+
+- JAX opens its cache once per process, at the first directory it is given, so
+  a second run in the same process (a notebook, a sweep's trials) would write
+  into the first run's directory. ``scoped`` reopens it at this run's directory
+  and gives the caller's own cache (``JAX_COMPILATION_CACHE_DIR``) back after.
+- The CPU kernels' custom partitionings (``model/cpu_matmul.py``,
+  ``model/cpu_attention.py``, ``training/fused_adamw.py``) put the address of a
+  Python object into the program, so on CPU no key ever matched and each start
+  only added entries. JAX can leave that address out of the key
+  (``jax_remove_custom_partitioning_ptr_from_cache_key``); the partitioning
+  rules are then not in the key, so the entries go to a subdirectory named by a
+  digest of the modules that define them: a changed rule never reads a program
+  partitioned by the old one. The executables themselves hold the partitioned
+  calls, not the Python rules.
+"""
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+# The modules whose jax.experimental.custom_partitioning rules the key leaves out.
+_PARTITIONING_MODULES = ('llm_jax.model.cpu_matmul', 'llm_jax.model.cpu_attention',
+                         'llm_jax.training.fused_adamw')
+_IGNORE_POINTERS = 'jax_remove_custom_partitioning_ptr_from_cache_key'
+
+
+@functools.cache
+def rules_digest() -> str:
+  """A digest of the source of the modules that define custom partitionings."""
+  h = hashlib.sha256()
+  for name in _PARTITIONING_MODULES:
+    with open(importlib.util.find_spec(name).origin, 'rb') as f:
+      h.update(f.read())
+  return h.hexdigest()[:16]
+
+
+def directory(workdir: str) -> str:
+  """Where a run in ``workdir`` keeps its compiled steps."""
+  return os.path.join(workdir, 'xla_cache', rules_digest())
+
+
+@contextlib.contextmanager
+def scoped(workdir: str) -> Iterator[str]:
+  """JAX's persistent cache at ``directory(workdir)`` inside, the caller's after."""
+  before_dir = jax.config.jax_compilation_cache_dir
+  before_ignore = getattr(jax.config, _IGNORE_POINTERS, None)
+  path = directory(workdir)
+  compilation_cache.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', path)
+  if before_ignore is not None:  # A JAX without the option: the cache still works elsewhere.
+    jax.config.update(_IGNORE_POINTERS, True)
+  try:
+    yield path
+  finally:
+    compilation_cache.reset_cache()
+    jax.config.update('jax_compilation_cache_dir', before_dir)
+    if before_ignore is not None:
+      jax.config.update(_IGNORE_POINTERS, before_ignore)
