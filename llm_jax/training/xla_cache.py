@@ -1,7 +1,7 @@
 """A run's compiled steps in ``<workdir>/xla_cache``: JAX's persistent cache, scoped to the run.
 
-A restarted run reads its train, eval and init steps from there instead of
-compiling them again. Two things about JAX's cache need care here:
+A restarted run reads its compiled steps from there (those that took JAX's
+threshold, 1 s by default, to compile) instead of compiling them again. Two things about JAX's cache need care here:
 
 - JAX opens its cache once per process, at the first directory it is given, so
   a second run in the same process (a notebook, a sweep's trials) would write
@@ -9,8 +9,8 @@ compiling them again. Two things about JAX's cache need care here:
   and gives the caller's own cache (``JAX_COMPILATION_CACHE_DIR``) back after.
 - The CPU kernels' custom partitionings (``model/cpu_matmul.py``,
   ``model/cpu_attention.py``, ``training/fused_adamw.py``) put the address of a
-  Python object into the program, so on CPU no key ever matched and each start
-  only added entries. JAX can leave that address out of the key
+  Python object into the program, so on a mesh of several CPU devices no key
+  ever matched and each start only added entries. JAX can leave that address out of the key
   (``jax_remove_custom_partitioning_ptr_from_cache_key``); the partitioning
   rules are then not in the key, so the entries go to a subdirectory named by a
   digest of the modules that define them: a changed rule never reads a program
