@@ -25,7 +25,7 @@ def tiny_config(tmp_path):
     c.data.max_documents = 120
     c.train.steps = 30
     c.train.eval_every = 0
-    c.train.num_samples = 1
+    c.train.num_samples = 0  # Sampling compiles generate (3-8 s); tests that read samples ask.
     c.optim.warmup_steps = 2  # Runs here are a few steps long.
     for key, value in overrides.items():
       section, name = key.split('__')

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax._src.compilation_cache import compress_executable, decompress_executable
 
 from conftest import stop_with_signal
 from llm_jax import train
@@ -214,13 +215,31 @@ def test_compiled_steps_stay_in_their_own_run_and_a_restart_reuses_them(tmp_path
     assert [e for e in entries('b') if e.startswith('jit_train_step-')], entries('b')
     assert entries('a') == first
     assert jax.config.jax_compilation_cache_dir == before  # The caller's cache is back.
+    # A start killed while JAX wrote an entry leaves it cut off (JAX writes in place).
+    step_entry = xla_cache.directory(str(tmp_path / 'a')) + '/' + next(
+        e for e in first if e.startswith('jit_train_step-') and e.endswith('-cache'))
+    whole = open(step_entry, 'rb').read()
+    with open(step_entry, 'wb') as f:
+      f.write(whole[:len(whole) // 2])
     hits.clear()
     config.train.stop_at = 0
     assert train.run(config, str(tmp_path / 'a'))['step'] == 4  # The restart...
-    assert hits and entries('a') == first  # ...compiled nothing new.
+    assert hits and entries('a') == first  # ...compiled nothing new but the torn step,
+    assert decompress_executable(open(step_entry, 'rb').read())  # which is whole again.
   finally:
     jax.monitoring.unregister_event_listener(listen)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', threshold)
+
+
+def test_a_compiled_step_cut_off_while_written_is_removed_and_the_rest_kept(tmp_path):
+  """JAX never replaces an entry; a torn one would be read, fail, and be compiled at every start."""
+  entry = compress_executable(b'a compiled step ' * 1000)
+  for name, data in (('whole', entry), ('torn', entry[:len(entry) // 3])):
+    (tmp_path / f'{name}-cache').write_bytes(data)
+    (tmp_path / f'{name}-atime').write_bytes(b'12345678')
+  assert xla_cache.drop_torn(str(tmp_path)) == ['torn-cache']
+  assert sorted(os.listdir(tmp_path)) == ['whole-atime', 'whole-cache']
+  assert xla_cache.drop_torn(str(tmp_path / 'not-there')) == []
 
 
 def make_checkpoints(tmp_path, tiny_config):

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_thirty_steps_lower_validation_loss(tmp_path, tiny_config):
-  config = tiny_config()
+  config = tiny_config(train__num_samples=1)
   workdir = tmp_path / 'run'
   result = train.run(config, str(workdir))
   vocab = result['vocab_size']

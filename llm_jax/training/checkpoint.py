@@ -18,6 +18,7 @@ from typing import Any
 from etils import epath
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from llm_jax.core.errors import CheckpointWriteError
@@ -101,6 +102,52 @@ def committed(step_dir: str) -> bool:
   return (epath.Path(step_dir) / _COMMIT_MARKER).exists()
 
 
+class _StateHandler(ocp.StandardCheckpointHandler):
+  """Orbax's StandardCheckpointHandler, writing each replicated array once, whole.
+
+  By default Orbax cuts an array replicated over several devices into one
+  piece per replica, so that several hosts share the writing ("replica
+  parallel"), and each piece is cut by a program compiled for it. In one
+  process nothing is shared: on a mesh of 8 CPU devices the first save of
+  configs/tiny.py compiled 64 such programs, 4.1 s against 0.03 s without.
+  The files are the same, and the checkpoint names Orbax's own handler, so
+  plain Orbax reads it.
+  """
+
+  @classmethod
+  def typestr(cls) -> str:
+    return ocp.StandardCheckpointHandler.typestr()
+
+  def __init__(self):
+    super().__init__()
+    from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+    handlers = [(ty, ocp.type_handlers.get_type_handler(ty))
+                for ty in (int, float, bytes, np.number, np.ndarray, str)]
+    handlers.append((jax.Array, ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store())))
+    self._impl = ocp.PyTreeCheckpointHandler(
+        use_ocdbt=True, type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+            *handlers))
+
+
+def _handlers() -> ocp.handlers.CheckpointHandlerRegistry | None:
+  """The state's handler: whole arrays in one process, Orbax's default with several."""
+  if jax.process_count() > 1:
+    return None
+  try:
+    state = _StateHandler()
+  except (AttributeError, ImportError, TypeError) as e:  # Another Orbax: its default path.
+    logging.info('Orbax replica-parallel saves stay on (%s).', e)
+    return None
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+    registry.add('state', args, state)
+  meta = ocp.JsonCheckpointHandler()
+  for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+    registry.add('meta', args, meta)
+  return registry
+
+
 class _SaveFailed(Exception):
   """A save that failed, with its step (made a UserError in the main thread)."""
 
@@ -126,7 +173,8 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=True,
-            enable_async_checkpointing=True))
+            enable_async_checkpointing=True),
+        handler_registry=_handlers())
     # Steps known to be on disk whole, newest first, and the one save whose
     # Orbax call returned but whose commit is not yet confirmed (Orbax
     # finishes a save before it starts the next, so one at most).
