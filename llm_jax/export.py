@@ -20,7 +20,7 @@ from absl import flags
 
 from llm_jax import cli
 from llm_jax.core.errors import UserError
-from llm_jax.deploy import saved_model
+from llm_jax.deploy import options
 
 PROG = 'python -m llm_jax.export'
 FLAGS = cli.flag_values()
@@ -36,7 +36,7 @@ flags.DEFINE_integer('group_size', 64, 'With --quantize=int4: inputs per scale '
 flags.DEFINE_bool('int4_embeddings', False, 'With --quantize=int4: the embedding '
                   'tables and LM head in int4 too (default int8: they cost most of '
                   "int4's perplexity loss).", flag_values=FLAGS)
-flags.DEFINE_enum('dequantize', 'once', list(saved_model.DEQUANTIZE),
+flags.DEFINE_enum('dequantize', 'once', list(options.DEQUANTIZE),
                   'With --quantize: once (the first call fills float32 copies of the '
                   'weights that every call reads and frees the stored ones: as fast '
                   'as float32, and as much memory) or every_call (no copies: least '
@@ -49,7 +49,7 @@ flags.DEFINE_list('batch_buckets', ['1', '4', '8'], 'Batch sizes to warm up.',
 flags.DEFINE_list('prompt_buckets', [], 'Prompt widths to warm up and to pad text '
                   'prompts to (default: 16, 32, 64, ... below the context, and the '
                   'context).', flag_values=FLAGS)
-flags.DEFINE_list('platforms', list(saved_model.PLATFORMS), 'Lower for these.',
+flags.DEFINE_list('platforms', list(options.PLATFORMS), 'Lower for these.',
                   flag_values=FLAGS)
 flags.DEFINE_bool('overwrite', False, 'Replace an earlier export at --out.',
                   flag_values=FLAGS)
@@ -75,6 +75,7 @@ def _ints(name: str, values: list[str]) -> list[int]:
 
 
 def _main() -> dict:
+  from llm_jax.deploy import saved_model  # pylint: disable=g-import-not-at-top  # TensorFlow: 6 s.
   return saved_model.export(
       FLAGS.workdir, FLAGS.out, step=FLAGS.step, quantize=FLAGS.quantize,
       group_size=FLAGS.group_size, int4_embeddings=FLAGS.int4_embeddings,

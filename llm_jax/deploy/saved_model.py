@@ -77,6 +77,7 @@ from llm_jax.core.errors import UserError
 from llm_jax.core import tfhost
 from llm_jax.core.tfhost import tf
 from llm_jax.deploy import quantize as quantize_lib
+from llm_jax.deploy.options import DEQUANTIZE, PLATFORMS
 from llm_jax.deploy import task_export, warmup
 from llm_jax.deploy.warmup import TEXT_SIGNATURE
 from llm_jax.inference import decode
@@ -84,7 +85,6 @@ from llm_jax.model import transformer as model_lib
 from llm_jax.runs import workdir as workdir_lib
 from llm_jax.training import objectives
 
-PLATFORMS = ('cpu', 'cuda', 'tpu')
 SCALARS = (('max_new_tokens', 'int32'), ('temperature', 'float32'),
            ('top_k', 'int32'), ('top_p', 'float32'), ('seed', 'int32'))
 INFO_FILE = 'llm_jax_export.json'
@@ -92,9 +92,6 @@ INFO_FILE = 'llm_jax_export.json'
 EXPORT_MARKER = os.path.join('assets.extra', INFO_FILE)
 
 
-# --dequantize: 'once' keeps float32 copies filled by the first call (fast, the
-# float32 memory too); 'every_call' dequantises inside every call (least memory).
-DEQUANTIZE = ('once', 'every_call')
 
 
 def default_prompt_buckets(max_len: int) -> list[int]:
