@@ -26,6 +26,7 @@ def tiny_config(tmp_path):
     c.train.steps = 30
     c.train.eval_every = 0
     c.train.num_samples = 0  # Sampling compiles generate (3-8 s); tests that read samples ask.
+    c.train.peak_flops = 1e11  # Skips the start-up matmul measurement (about 1 s).
     c.optim.warmup_steps = 2  # Runs here are a few steps long.
     for key, value in overrides.items():
       section, name = key.split('__')

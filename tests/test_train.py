@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_thirty_steps_lower_validation_loss(tmp_path, tiny_config):
-  config = tiny_config(train__num_samples=1)
+  config = tiny_config(train__num_samples=1, train__peak_flops=0.0)  # Both as a user runs.
   workdir = tmp_path / 'run'
   result = train.run(config, str(workdir))
   vocab = result['vocab_size']
@@ -26,6 +26,7 @@ def test_thirty_steps_lower_validation_loss(tmp_path, tiny_config):
   assert result['val_loss'] < result['val_history'][0] - 1.0, result['val_history']
   assert result['step'] == 30
   assert math.isfinite(result['tokens_per_sec']) and result['tokens_per_sec'] > 0
+  assert math.isfinite(result['mfu']) and result['mfu'] > 0  # Against the peak measured now.
   assert (workdir / 'checkpoints' / '30').is_dir()
   assert json.loads((workdir / 'config.json').read_text())['train']['steps'] == 30
   assert os.listdir(workdir / 'tb'), 'TensorBoard events missing'
