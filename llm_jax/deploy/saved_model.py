@@ -92,8 +92,6 @@ INFO_FILE = 'llm_jax_export.json'
 EXPORT_MARKER = os.path.join('assets.extra', INFO_FILE)
 
 
-
-
 def default_prompt_buckets(max_len: int) -> list[int]:
   """16, 32, 64, ... below the context, then the context itself."""
   return decode.prompt_buckets(max_len)

@@ -1,7 +1,7 @@
 """A run's compiled steps in ``<workdir>/xla_cache``: JAX's persistent cache, scoped to the run.
 
 A restarted run reads its compiled steps from there (those that took JAX's
-threshold, 1 s by default, to compile) instead of compiling them again. Two things about JAX's cache need care here:
+threshold, 1 s by default, to compile) instead of compiling them again. Three things about JAX's cache need care here:
 
 - JAX opens its cache once per process, at the first directory it is given, so
   a second run in the same process (a notebook, a sweep's trials) would write
